@@ -1,0 +1,297 @@
+/**
+ * NbdClient: an NBD export over one or more connections (multi-conn when the server advertises
+ * NBD_FLAG_CAN_MULTI_CONN). Requests larger than the server's maximum payload are split; requests
+ * that violate its minimum block size or fall outside the export are refused before sending.
+ */
+import { NbdStreamError } from '../errors.js';
+import { NbdConnection, type Range } from './connection.js';
+import type { BlockSizeConstraints } from './handshake.js';
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_STATE_HOLE,
+  NBD_STATE_ZERO,
+  commandName,
+} from './protocol.js';
+import { formatNbdUri, parseNbdUri, type NbdAddress } from './uri.js';
+
+export type { Range } from './connection.js';
+export { NBD_STATE_HOLE, NBD_STATE_ZERO };
+
+export interface ConnectOptions {
+  /** Connections to open when the server allows multi-conn (default 1). */
+  connections?: number;
+  /** Meta contexts to negotiate (default ['base:allocation']). */
+  metaContexts?: string[];
+  /** Negotiate structured replies (default true). */
+  structuredReplies?: boolean;
+  /** Requests in flight per connection (default 64). */
+  maxRequests?: number;
+  /** Read/write payload bytes in flight per connection (default 64 MiB). */
+  maxBytesInFlight?: number;
+  /** Name used in errors (default: the URI). */
+  endpoint?: string;
+}
+
+export interface ReadResult {
+  /** The bytes read; ranges in `holes` are zero-filled. */
+  data: Buffer;
+  /** Ranges the server sent as OFFSET_HOLE chunks (known zero), in export offsets. */
+  holes: Range[];
+}
+
+export interface BlockStatusExtent {
+  offset: number;
+  length: number;
+  flags: number;
+}
+
+export interface ZeroOptions {
+  /** NBD_CMD_FLAG_NO_HOLE: keep the range allocated. */
+  noHole?: boolean;
+  /** NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP rather than zero slowly. */
+  fastZero?: boolean;
+  fua?: boolean;
+}
+
+export class NbdClient {
+  readonly endpoint: string;
+  readonly address: NbdAddress;
+  private readonly conns: NbdConnection[];
+  private next = 0;
+
+  private constructor(address: NbdAddress, endpoint: string, conns: NbdConnection[]) {
+    this.address = address;
+    this.endpoint = endpoint;
+    this.conns = conns;
+  }
+
+  /** Connect to an NBD URI (or a parsed address) and negotiate. */
+  static async connect(target: string | NbdAddress, options: ConnectOptions = {}): Promise<NbdClient> {
+    const address = typeof target === 'string' ? parseNbdUri(target) : target;
+    const endpoint = options.endpoint ?? (typeof target === 'string' ? target : formatNbdUri(address));
+    const copts = {
+      endpoint,
+      structuredReplies: options.structuredReplies ?? true,
+      metaContexts: options.metaContexts ?? ['base:allocation'],
+      maxRequests: options.maxRequests ?? 64,
+      maxBytesInFlight: options.maxBytesInFlight ?? 64 * 1024 * 1024,
+    };
+    const first = await NbdConnection.open(address, copts);
+    const conns = [first];
+    const want = Math.max(1, options.connections ?? 1);
+    if (want > 1 && first.info.flags & NBD_FLAG_CAN_MULTI_CONN) {
+      const more = await Promise.allSettled(Array.from({ length: want - 1 }, () => NbdConnection.open(address, copts)));
+      for (const m of more) if (m.status === 'fulfilled') conns.push(m.value);
+      const failed = more.find((m) => m.status === 'rejected') as PromiseRejectedResult | undefined;
+      const mismatch = conns.find((c) => c.info.size !== first.info.size || c.info.flags !== first.info.flags);
+      if (failed || mismatch) {
+        await Promise.all(conns.map((c) => c.close()));
+        if (failed) throw failed.reason;
+        throw new NbdStreamError('ERR_PROTOCOL', 'connections to the same export disagree on its size or flags', { endpoint });
+      }
+    }
+    return new NbdClient(address, endpoint, conns);
+  }
+
+  get size(): number {
+    return this.conns[0].info.size;
+  }
+  /** Transmission flags (NBD_FLAG_*). */
+  get flags(): number {
+    return this.conns[0].info.flags;
+  }
+  get blockSize(): BlockSizeConstraints {
+    return this.conns[0].info.blockSize;
+  }
+  get structuredReplies(): boolean {
+    return this.conns[0].info.structuredReplies;
+  }
+  get tls(): boolean {
+    return this.conns[0].info.tls;
+  }
+  /** Negotiated meta contexts, name -> id. */
+  get metaContexts(): ReadonlyMap<string, number> {
+    return this.conns[0].info.metaContexts;
+  }
+  get connections(): number {
+    return this.conns.length;
+  }
+  get readOnly(): boolean {
+    return (this.flags & NBD_FLAG_READ_ONLY) !== 0;
+  }
+  get canFlush(): boolean {
+    return (this.flags & NBD_FLAG_SEND_FLUSH) !== 0;
+  }
+  get canFua(): boolean {
+    return (this.flags & NBD_FLAG_SEND_FUA) !== 0;
+  }
+  get canTrim(): boolean {
+    return (this.flags & NBD_FLAG_SEND_TRIM) !== 0;
+  }
+  get canZero(): boolean {
+    return (this.flags & NBD_FLAG_SEND_WRITE_ZEROES) !== 0;
+  }
+  get canFastZero(): boolean {
+    return (this.flags & NBD_FLAG_SEND_FAST_ZERO) !== 0;
+  }
+  get canMultiConn(): boolean {
+    return (this.flags & NBD_FLAG_CAN_MULTI_CONN) !== 0;
+  }
+  canMetaContext(name: string): boolean {
+    return this.metaContexts.has(name);
+  }
+  /** Largest read or write payload in one request. */
+  get maxPayload(): number {
+    return Math.min(this.blockSize.maximum, 32 * 1024 * 1024 * 2);
+  }
+
+  /** The least busy connection. */
+  private conn(): NbdConnection {
+    const cs = this.conns;
+    if (cs.length === 1) return cs[0];
+    let best = cs[this.next];
+    this.next = (this.next + 1) % cs.length;
+    for (const c of cs) if (c.bytesInFlight < best.bytesInFlight || (c.bytesInFlight === best.bytesInFlight && c.requestsInFlight < best.requestsInFlight)) best = c;
+    return best;
+  }
+
+  private check(type: number, offset: number, length: number, write: boolean): void {
+    const cmd = commandName(type);
+    if (write && this.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', `${cmd}: export is read-only`, { endpoint: this.endpoint, offset, command: cmd });
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size)
+      throw new NbdStreamError('ERR_RANGE', `${cmd}: range ${offset}+${length} is outside the export (size ${this.size})`, { endpoint: this.endpoint, offset, command: cmd });
+    const min = this.blockSize.minimum;
+    if (min > 1 && (offset % min !== 0 || length % min !== 0))
+      throw new NbdStreamError('ERR_ALIGNMENT', `${cmd}: range ${offset}+${length} is not aligned to the server's minimum block size ${min}`, {
+        endpoint: this.endpoint,
+        offset,
+        command: cmd,
+      });
+  }
+
+  private unsupported(what: string, offset?: number): NbdStreamError {
+    return new NbdStreamError('ERR_UNSUPPORTED', `server does not support ${what}`, { endpoint: this.endpoint, offset });
+  }
+
+  /** Split [offset, offset+length) into pieces of at most `max` bytes. */
+  private static pieces(offset: number, length: number, max: number): Range[] {
+    const out: Range[] = [];
+    for (let o = offset, end = offset + length; o < end; o += max) out.push({ offset: o, length: Math.min(max, end - o) });
+    return out;
+  }
+
+  /**
+   * Read `length` bytes at `offset` into `into` (or a new buffer). Holes the server reports as
+   * OFFSET_HOLE chunks are zero-filled and listed in `holes`.
+   */
+  async pread(offset: number, length: number, into?: Buffer): Promise<ReadResult> {
+    this.check(NBD_CMD_READ, offset, length, false);
+    const data = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    if (data.length < length) throw new RangeError(`pread: buffer of ${into!.length} bytes is smaller than ${length}`);
+    if (length === 0) return { data, holes: [] };
+    const max = this.maxPayload;
+    if (length <= max) {
+      const r = await this.conn().request(NBD_CMD_READ, 0, offset, length, undefined, data);
+      return { data, holes: r.holes ?? [] };
+    }
+    const rs = await Promise.all(
+      NbdClient.pieces(offset, length, max).map((p) => this.conn().request(NBD_CMD_READ, 0, p.offset, p.length, undefined, data.subarray(p.offset - offset, p.offset - offset + p.length))),
+    );
+    return { data, holes: rs.flatMap((r) => r.holes ?? []) };
+  }
+
+  /** Write `data` at `offset`. The buffer must not change until the promise settles. */
+  async pwrite(offset: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
+    this.check(NBD_CMD_WRITE, offset, data.length, true);
+    if (data.length === 0) return;
+    const flags = this.fuaFlag(options.fua);
+    const max = this.maxPayload;
+    if (data.length <= max) {
+      await this.conn().request(NBD_CMD_WRITE, flags, offset, data.length, data);
+      return;
+    }
+    await Promise.all(
+      NbdClient.pieces(offset, data.length, max).map((p) => this.conn().request(NBD_CMD_WRITE, flags, p.offset, p.length, data.subarray(p.offset - offset, p.offset - offset + p.length))),
+    );
+  }
+
+  private fuaFlag(fua: boolean | undefined): number {
+    if (!fua) return 0;
+    if (!this.canFua) throw this.unsupported('FUA');
+    return NBD_CMD_FLAG_FUA;
+  }
+
+  /** Largest length field for commands without payload, aligned to the minimum block size. */
+  private get maxLength(): number {
+    const min = this.blockSize.minimum;
+    return Math.floor(0xffffffff / min) * min;
+  }
+
+  /** NBD_CMD_WRITE_ZEROES. May trim unless noHole is set. */
+  async zero(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    this.check(NBD_CMD_WRITE_ZEROES, offset, length, true);
+    if (!this.canZero) throw this.unsupported('NBD_CMD_WRITE_ZEROES', offset);
+    if (options.fastZero && !this.canFastZero) throw this.unsupported('NBD_CMD_FLAG_FAST_ZERO', offset);
+    const flags = (options.noHole ? NBD_CMD_FLAG_NO_HOLE : 0) | (options.fastZero ? NBD_CMD_FLAG_FAST_ZERO : 0) | this.fuaFlag(options.fua);
+    await Promise.all(NbdClient.pieces(offset, length, this.maxLength).map((p) => this.conn().request(NBD_CMD_WRITE_ZEROES, flags, p.offset, p.length)));
+  }
+
+  /** NBD_CMD_TRIM (contents afterwards are unspecified). */
+  async trim(offset: number, length: number, options: { fua?: boolean } = {}): Promise<void> {
+    this.check(NBD_CMD_TRIM, offset, length, true);
+    if (!this.canTrim) throw this.unsupported('NBD_CMD_TRIM', offset);
+    const flags = this.fuaFlag(options.fua);
+    await Promise.all(NbdClient.pieces(offset, length, this.maxLength).map((p) => this.conn().request(NBD_CMD_TRIM, flags, p.offset, p.length)));
+  }
+
+  /**
+   * NBD_CMD_FLUSH. With multi-conn the server guarantees one flush covers writes completed on
+   * every connection; without it there is only one connection.
+   */
+  async flush(): Promise<void> {
+    if (!this.canFlush) throw this.unsupported('NBD_CMD_FLUSH');
+    await this.conns[0].request(NBD_CMD_FLUSH, 0, 0, 0);
+  }
+
+  /**
+   * NBD_CMD_BLOCK_STATUS for one meta context. Extents start at `offset` and are consecutive;
+   * they may cover less than `length` (ask again from where they end) and the last one may
+   * extend past it (never past the export's end).
+   */
+  async blockStatus(offset: number, length: number, context = 'base:allocation'): Promise<BlockStatusExtent[]> {
+    const id = this.metaContexts.get(context);
+    if (id === undefined) throw this.unsupported(`meta context ${context}`, offset);
+    this.check(NBD_CMD_BLOCK_STATUS, offset, length, false);
+    const len = Math.min(length, this.maxLength);
+    const r = await this.conn().request(NBD_CMD_BLOCK_STATUS, 0, offset, len, undefined, undefined, id);
+    const out: BlockStatusExtent[] = [];
+    let o = offset;
+    for (const e of r.extents!) {
+      if (o >= this.size) break;
+      const l = Math.min(e.length, this.size - o);
+      out.push({ offset: o, length: l, flags: e.flags });
+      o += l;
+    }
+    return out;
+  }
+
+  /** Wait for all replies, disconnect every connection. */
+  async close(): Promise<void> {
+    await Promise.all(this.conns.map((c) => c.close()));
+  }
+}

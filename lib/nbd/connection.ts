@@ -1,0 +1,375 @@
+/**
+ * One NBD connection: socket, handshake, and pipelined requests matched to replies by cookie.
+ *
+ * Plain sockets read with `onread` so that read payloads land directly in the caller's buffer
+ * (ReplyDecoder.nextBuffer); TLS sockets are fed by copying. Requests in flight are bounded by
+ * count and by bytes; more wait in FIFO order. A protocol violation or a lost socket fails every
+ * pending request and closes the connection.
+ */
+import * as net from 'node:net';
+import * as tls from 'node:tls';
+import { NbdStreamError, asNbdStreamError } from '../errors.js';
+import { encodeRequest } from './encode.js';
+import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
+import { clientHandshake, type ExportInfo } from './handshake.js';
+import { ByteReader } from './reader.js';
+import { tlsConnectOptions } from './tls.js';
+import type { NbdAddress } from './uri.js';
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_DISC,
+  NBD_CMD_READ,
+  NBD_CMD_WRITE,
+  NBD_REQUEST_SIZE,
+  commandName,
+  nbdErrorName,
+  nbdErrorText,
+} from './protocol.js';
+
+export interface ConnectionOptions {
+  /** Name used in error messages (normally the URI). */
+  endpoint: string;
+  structuredReplies: boolean;
+  metaContexts: string[];
+  maxRequests: number;
+  maxBytesInFlight: number;
+}
+
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+/** A request in flight. */
+class Request implements PendingRequest {
+  holes: Range[] | undefined;
+  covered = 0;
+  error: NbdStreamError | undefined;
+  extents: Extent[] | undefined;
+  contextId = 0;
+  constructor(
+    readonly cookie: number,
+    readonly type: number,
+    readonly offset: number,
+    readonly length: number,
+    readonly cost: number,
+    readonly dest: Buffer | undefined,
+    readonly resolve: (r: Request) => void,
+    readonly reject: (e: NbdStreamError) => void,
+  ) {}
+}
+
+export class NbdConnection implements ReplyHandler {
+  info!: ExportInfo;
+  private socket!: net.Socket;
+  private readonly opts: ConnectionOptions;
+  private readonly reader = new ByteReader();
+  private decoder: ReplyDecoder | undefined;
+  private readonly hsScratch = Buffer.allocUnsafe(16384);
+  private lastBuf: Buffer = this.hsScratch;
+  private lastFromDecoder = false;
+  private readonly pending = new Map<number, Request>();
+  private nextCookie = 1;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private readonly waiters: Array<{ cost: number; go: () => void; fail: (e: NbdStreamError) => void }> = [];
+  private idleWaiters: Array<() => void> = [];
+  private failure: NbdStreamError | undefined;
+  private closing = false;
+  private closed: Promise<void> | undefined;
+
+  private constructor(opts: ConnectionOptions) {
+    this.opts = opts;
+  }
+
+  /** Connect and negotiate. Rejects with a coded error naming the endpoint. */
+  static async open(addr: NbdAddress, opts: ConnectionOptions): Promise<NbdConnection> {
+    const c = new NbdConnection(opts);
+    try {
+      await c.connect(addr);
+      return c;
+    } catch (err) {
+      c.socket?.destroy();
+      throw asNbdStreamError(err, 'ERR_CONNECT', opts.endpoint);
+    }
+  }
+
+  get bytesInFlight(): number {
+    return this.inFlightBytes;
+  }
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  private async connect(addr: NbdAddress): Promise<void> {
+    const where = addr.socket !== undefined ? { path: addr.socket } : { host: addr.host!, port: addr.port! };
+    const zeroCopy = addr.tls === 'off';
+    const opts: net.NetConnectOpts = zeroCopy
+      ? { ...where, onread: { buffer: () => this.nextBuffer(), callback: (n: number) => this.onRead(n) } }
+      : where;
+    const raw = net.connect(opts);
+    this.socket = raw;
+    const onData = (chunk: Buffer) => this.onSocketData(chunk);
+    if (!zeroCopy) raw.on('data', onData);
+    await new Promise<void>((resolve, reject) => {
+      raw.once('connect', resolve);
+      raw.once('error', (err: NodeJS.ErrnoException) => {
+        const to = addr.socket !== undefined ? `socket ${addr.socket}` : `${addr.host}:${addr.port}`;
+        reject(new NbdStreamError('ERR_CONNECT', `cannot connect to ${to}: ${err.code ?? err.message}`, { cause: err }));
+      });
+    });
+    if (addr.socket === undefined) raw.setNoDelay(true);
+    this.watch(raw);
+
+    this.info = await clientHandshake(
+      {
+        read: (n) => this.reader.read(n),
+        write: (b) => {
+          this.socket.write(b);
+        },
+        startTls: async () => {
+          raw.removeListener('data', onData);
+          const options = tlsConnectOptions(addr);
+          const ts = tls.connect({ ...options, socket: raw });
+          await new Promise<void>((resolve, reject) => {
+            ts.once('secureConnect', resolve);
+            ts.once('error', (err) => reject(new NbdStreamError('ERR_TLS', `TLS handshake failed: ${err.message}`, { cause: err })));
+            ts.once('close', () => reject(new NbdStreamError('ERR_TLS', 'TLS handshake failed: connection closed by the server')));
+          });
+          ts.on('data', onData);
+          this.socket = ts;
+          this.watch(ts);
+        },
+      },
+      { exportName: addr.exportName, tls: addr.tls, structuredReplies: this.opts.structuredReplies, metaContexts: this.opts.metaContexts },
+    );
+    this.decoder = new ReplyDecoder(this, this.info.structuredReplies);
+    const left = this.reader.drain();
+    if (left.length) this.decoder.push(left);
+  }
+
+  private watch(s: net.Socket): void {
+    s.on('error', (err: NodeJS.ErrnoException) => {
+      this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${err.code ?? err.message}`, { cause: err }));
+    });
+    s.on('close', () => {
+      const n = this.pending.size;
+      this.lost(
+        new NbdStreamError('ERR_CLOSED', n ? `server closed the connection with ${n} request${n > 1 ? 's' : ''} pending` : 'server closed the connection'),
+      );
+    });
+  }
+
+  // ------------------------------------------------------------ input
+
+  private nextBuffer(): Buffer {
+    if (this.decoder) {
+      this.lastFromDecoder = true;
+      return (this.lastBuf = this.decoder.nextBuffer());
+    }
+    this.lastFromDecoder = false;
+    return (this.lastBuf = this.hsScratch);
+  }
+
+  private onRead(n: number): boolean {
+    if (this.lastFromDecoder) this.decoder!.advance(n);
+    else if (this.decoder) this.decoder.push(this.lastBuf.subarray(0, n));
+    else this.reader.push(Buffer.from(this.lastBuf.subarray(0, n)));
+    return true;
+  }
+
+  private onSocketData(chunk: Buffer): void {
+    if (this.decoder) this.decoder.push(chunk);
+    else this.reader.push(chunk);
+  }
+
+  // ------------------------------------------------------------ ReplyHandler
+
+  lookup(cookie: number): PendingRequest | undefined {
+    return this.pending.get(cookie);
+  }
+
+  onSimpleReply(cookie: number, errno: number): void {
+    const r = this.pending.get(cookie)!;
+    if (errno) r.error = this.serverError(r, errno, '', undefined);
+    else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
+    else r.covered = r.length;
+    this.finish(r);
+  }
+
+  onData(cookie: number, _offset: number, length: number): void {
+    this.pending.get(cookie)!.covered += length;
+  }
+
+  onHole(cookie: number, offset: number, length: number): void {
+    const r = this.pending.get(cookie)!;
+    const start = offset - r.offset;
+    r.dest!.fill(0, start, start + length);
+    (r.holes ??= []).push({ offset, length });
+    r.covered += length;
+  }
+
+  onBlockStatus(cookie: number, contextId: number, extents: Extent[]): void {
+    const r = this.pending.get(cookie)!;
+    if (contextId !== r.contextId) return this.protocolViolation(`block status for context id ${contextId}, which was not asked for`);
+    if (r.extents) return this.protocolViolation('two block status chunks for one context');
+    let end = r.offset;
+    for (let i = 0; i < extents.length; i++) {
+      if (extents[i].length === 0) return this.protocolViolation(`block status extent ${i} at offset ${end} has zero length`);
+      if (i < extents.length - 1 && end + extents[i].length > r.offset + r.length)
+        return this.protocolViolation(`block status extent ${i} at offset ${end} goes past the requested range`);
+      end += extents[i].length;
+    }
+    r.extents = extents;
+  }
+
+  onError(cookie: number, errno: number, message: string, offset: number | undefined): void {
+    const r = this.pending.get(cookie)!;
+    r.error ??= this.serverError(r, errno, message, offset);
+  }
+
+  onDone(cookie: number): void {
+    const r = this.pending.get(cookie)!;
+    if (!r.error) {
+      if (r.type === NBD_CMD_READ && r.covered !== r.length)
+        return this.protocolViolation(`read reply at offset ${r.offset} covered ${r.covered} of ${r.length} bytes`);
+      if (r.type === NBD_CMD_BLOCK_STATUS && !r.extents) return this.protocolViolation(`block status reply at offset ${r.offset} has no extents`);
+    }
+    this.finish(r);
+  }
+
+  onProtocolError(err: NbdStreamError): void {
+    this.lost(err);
+  }
+
+  private protocolViolation(message: string): void {
+    this.decoder?.fail(message);
+  }
+
+  private serverError(r: Request, errno: number, message: string, offset: number | undefined): NbdStreamError {
+    const name = nbdErrorName(errno);
+    const cmd = commandName(r.type);
+    return new NbdStreamError('ERR_SERVER', `${cmd} failed: ${name} (${nbdErrorText(name)})${message ? ': ' + message : ''}`, {
+      endpoint: this.opts.endpoint,
+      offset: offset ?? r.offset,
+      command: cmd,
+      nbdError: name,
+    });
+  }
+
+  // ------------------------------------------------------------ requests
+
+  private finish(r: Request): void {
+    this.pending.delete(r.cookie);
+    this.inFlight--;
+    this.inFlightBytes -= r.cost;
+    if (r.error) r.reject(r.error);
+    else r.resolve(r);
+    this.wake();
+  }
+
+  private wake(): void {
+    while (this.waiters.length && this.fits(this.waiters[0].cost)) {
+      const w = this.waiters.shift()!;
+      this.reserve(w.cost);
+      w.go();
+    }
+    if (this.inFlight === 0 && this.waiters.length === 0) {
+      const ws = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of ws) w();
+    }
+  }
+
+  private fits(cost: number): boolean {
+    return this.inFlight < this.opts.maxRequests && (this.inFlight === 0 || this.inFlightBytes + cost <= this.opts.maxBytesInFlight);
+  }
+
+  private reserve(cost: number): void {
+    this.inFlight++;
+    this.inFlightBytes += cost;
+  }
+
+  /** Failure that ended this connection, if any. */
+  get error(): NbdStreamError | undefined {
+    return this.failure;
+  }
+
+  /**
+   * Send one request and resolve when its reply is complete. `payload` for writes, `dest` for
+   * reads (length bytes), `contextId` for block status.
+   */
+  async request(type: number, flags: number, offset: number, length: number, payload?: Buffer, dest?: Buffer, contextId = 0): Promise<Request> {
+    const cost = type === NBD_CMD_READ || type === NBD_CMD_WRITE ? length : 0;
+    if (this.failure) throw this.failure;
+    if (this.closing) throw new NbdStreamError('ERR_CLOSED', 'connection is closing', { endpoint: this.opts.endpoint, offset });
+    if (this.waiters.length || !this.fits(cost)) {
+      await new Promise<void>((go, fail) => this.waiters.push({ cost, go, fail }));
+    } else this.reserve(cost);
+    if (this.failure) {
+      this.inFlight--;
+      this.inFlightBytes -= cost;
+      throw this.failure;
+    }
+    const cookie = this.nextCookie;
+    this.nextCookie = this.nextCookie === 0xffffffff ? 1 : this.nextCookie + 1;
+    return new Promise<Request>((resolve, reject) => {
+      const r = new Request(cookie, type, offset, length, cost, dest, resolve, reject);
+      r.contextId = contextId;
+      this.pending.set(cookie, r);
+      const header = encodeRequest(flags, type, cookie, offset, length);
+      if (payload) {
+        this.socket.cork();
+        this.socket.write(header);
+        this.socket.write(payload);
+        this.socket.uncork();
+      } else this.socket.write(header);
+    });
+  }
+
+  /** Fail everything pending and tear the socket down (idempotent). */
+  private lost(err: NbdStreamError): void {
+    if (this.failure) return;
+    if (!err.endpoint) err.endpoint = this.opts.endpoint;
+    this.failure = err;
+    this.reader.fail(err);
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    for (const r of pending) {
+      this.inFlight--;
+      this.inFlightBytes -= r.cost;
+      const e = new NbdStreamError(err.code, err.message, { endpoint: this.opts.endpoint, offset: r.offset, command: commandName(r.type), cause: err.cause });
+      r.reject(e);
+    }
+    const waiters = this.waiters.splice(0);
+    for (const w of waiters) w.fail(err);
+    const ws = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const w of ws) w();
+    this.socket.destroy();
+  }
+
+  /** Wait for every reply, send NBD_CMD_DISC, and close the socket. */
+  close(): Promise<void> {
+    if (this.closed) return this.closed;
+    this.closed = (async () => {
+      if (!this.failure) {
+        if (this.inFlight || this.waiters.length) await new Promise<void>((r) => this.idleWaiters.push(r));
+        this.closing = true;
+      }
+      if (!this.failure && !this.socket.destroyed) {
+        const s = this.socket;
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(() => s.destroy(), 5000);
+          s.once('close', () => {
+            clearTimeout(timer);
+            resolve();
+          });
+          this.failure = new NbdStreamError('ERR_CLOSED', 'connection closed', { endpoint: this.opts.endpoint });
+          s.end(encodeRequest(0, NBD_CMD_DISC, 0, 0, 0, Buffer.allocUnsafe(NBD_REQUEST_SIZE)));
+        });
+      } else this.socket.destroy();
+    })();
+    return this.closed;
+  }
+}

@@ -1,0 +1,396 @@
+/**
+ * Pure decoders: Buffers -> values. No I/O.
+ *
+ * Handshake messages are parsed by small functions over complete messages (the caller reads the
+ * lengths they name). Transmission replies are parsed by ReplyDecoder, an incremental state
+ * machine that never throws: malformed input becomes one coded protocol error, after which the
+ * decoder ignores everything.
+ */
+import { NbdStreamError } from '../errors.js';
+import {
+  CLISERV_MAGIC,
+  IHAVEOPT,
+  NBDMAGIC,
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_READ,
+  NBD_INFO_BLOCK_SIZE,
+  NBD_INFO_EXPORT,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_ERROR,
+  NBD_REPLY_TYPE_ERROR_OFFSET,
+  NBD_REPLY_TYPE_FLAG_ERROR,
+  NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_REPLY_TYPE_OFFSET_HOLE,
+  NBD_REP_MAGIC,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_SIMPLE_REPLY_SIZE,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  commandName,
+} from './protocol.js';
+
+const TWO_32 = 0x1_0000_0000;
+/** Largest non-data structured chunk we accept (block status lists, error messages). */
+export const MAX_CHUNK_BODY = 64 * 1024 * 1024;
+
+function protocolError(message: string): NbdStreamError {
+  return new NbdStreamError('ERR_PROTOCOL', message);
+}
+
+/** Read a 64-bit big-endian unsigned integer as a number; values above 2^53 give Infinity. */
+export function readU64(buf: Buffer, pos: number): number {
+  const hi = buf.readUInt32BE(pos);
+  if (hi >= 0x200000) return Infinity;
+  return hi * TWO_32 + buf.readUInt32BE(pos + 4);
+}
+
+// ---------------------------------------------------------------- handshake
+
+/** First 16 bytes from the server: NBDMAGIC then IHAVEOPT (newstyle). */
+export function parseGreeting(buf: Buffer): void {
+  if (buf.length < 16) throw protocolError('short greeting');
+  if (buf.readBigUInt64BE(0) !== NBDMAGIC) throw protocolError('server did not send NBDMAGIC: not an NBD server');
+  const m = buf.readBigUInt64BE(8);
+  if (m === CLISERV_MAGIC) throw protocolError('server uses oldstyle negotiation, which is not supported');
+  if (m !== IHAVEOPT) throw protocolError(`bad newstyle magic 0x${m.toString(16)}`);
+}
+
+export interface OptionReplyHeader {
+  option: number;
+  type: number;
+  length: number;
+}
+
+/** 20-byte option reply header. */
+export function parseOptionReplyHeader(buf: Buffer): OptionReplyHeader {
+  if (buf.length < 20) throw protocolError('short option reply');
+  const magic = buf.readBigUInt64BE(0);
+  if (magic !== NBD_REP_MAGIC) throw protocolError(`bad option reply magic 0x${magic.toString(16)}`);
+  return { option: buf.readUInt32BE(8), type: buf.readUInt32BE(12), length: buf.readUInt32BE(16) };
+}
+
+export type InfoReply =
+  | { type: typeof NBD_INFO_EXPORT; size: number; flags: number }
+  | { type: typeof NBD_INFO_BLOCK_SIZE; minimum: number; preferred: number; maximum: number }
+  | { type: number };
+
+/** Payload of NBD_REP_INFO. Unknown info types are returned with their type only. */
+export function parseInfoReply(data: Buffer): InfoReply {
+  if (data.length < 2) throw protocolError('short NBD_REP_INFO');
+  const type = data.readUInt16BE(0);
+  if (type === NBD_INFO_EXPORT) {
+    if (data.length !== 12) throw protocolError(`NBD_INFO_EXPORT has length ${data.length}, expected 12`);
+    const size = readU64(data, 2);
+    if (!Number.isFinite(size)) throw protocolError('export size is larger than 2^53');
+    return { type, size, flags: data.readUInt16BE(10) };
+  }
+  if (type === NBD_INFO_BLOCK_SIZE) {
+    if (data.length !== 14) throw protocolError(`NBD_INFO_BLOCK_SIZE has length ${data.length}, expected 14`);
+    const minimum = data.readUInt32BE(2);
+    const preferred = data.readUInt32BE(6);
+    const maximum = data.readUInt32BE(10);
+    const pow2 = (n: number) => n > 0 && (n & (n - 1)) === 0;
+    if (!pow2(minimum) || minimum > 65536 || !pow2(preferred) || preferred < minimum || (maximum !== 0xffffffff && maximum % minimum !== 0) || maximum < minimum)
+      throw protocolError(`invalid NBD_INFO_BLOCK_SIZE ${minimum}/${preferred}/${maximum}`);
+    return { type, minimum, preferred, maximum };
+  }
+  return { type };
+}
+
+/** Payload of NBD_REP_META_CONTEXT: context id and name. */
+export function parseMetaContextReply(data: Buffer): { id: number; name: string } {
+  if (data.length < 4) throw protocolError('short NBD_REP_META_CONTEXT');
+  return { id: data.readUInt32BE(0), name: data.subarray(4).toString('utf8') };
+}
+
+/** Reply to NBD_OPT_EXPORT_NAME: size and transmission flags (10 bytes, then 124 zeroes unless NO_ZEROES). */
+export function parseExportNameReply(buf: Buffer): { size: number; flags: number } {
+  if (buf.length < 10) throw protocolError('short NBD_OPT_EXPORT_NAME reply');
+  const size = readU64(buf, 0);
+  if (!Number.isFinite(size)) throw protocolError('export size is larger than 2^53');
+  return { size, flags: buf.readUInt16BE(8) };
+}
+
+// ---------------------------------------------------------------- transmission
+
+/** What the decoder needs to know about a request to parse its reply. */
+export interface PendingRequest {
+  type: number;
+  offset: number;
+  length: number;
+  /** Destination for read payloads; `length` bytes. */
+  dest?: Buffer;
+}
+
+export interface Extent {
+  length: number;
+  flags: number;
+}
+
+/** Events from ReplyDecoder. Cookies are the low 32 bits of the 64-bit cookie. */
+export interface ReplyHandler {
+  lookup(cookie: number): PendingRequest | undefined;
+  /** A simple reply; for a successful read the payload is already in dest. */
+  onSimpleReply(cookie: number, errno: number): void;
+  /** OFFSET_DATA: `length` bytes at export offset `offset` are in dest. */
+  onData(cookie: number, offset: number, length: number): void;
+  /** OFFSET_HOLE: `length` bytes at `offset` read as zero (dest untouched). */
+  onHole(cookie: number, offset: number, length: number): void;
+  onBlockStatus(cookie: number, contextId: number, extents: Extent[]): void;
+  onError(cookie: number, errno: number, message: string, offset: number | undefined): void;
+  /** The chunk just reported carried NBD_REPLY_FLAG_DONE (called after its own event). */
+  onDone(cookie: number): void;
+  onProtocolError(err: NbdStreamError): void;
+}
+
+const S_HEADER = 0;
+const S_SIMPLE_PAYLOAD = 1;
+const S_CHUNK_REST = 2;
+const S_DATA_PAYLOAD = 3;
+const S_BODY = 4;
+const S_DEAD = 5;
+
+/**
+ * Incremental transmission-phase reply parser.
+ *
+ * Zero-copy use: ask nextBuffer() for the memory the next bytes belong in, let the socket read
+ * into it, then call advance(n). Read payloads land directly in the request's dest buffer.
+ * Copying use: push(chunk) with any split of the input.
+ */
+export class ReplyDecoder {
+  private state = S_HEADER;
+  private scratch = Buffer.allocUnsafe(4096);
+  private need: number; // bytes the current unit needs in scratch
+  private have = 0; // bytes of the current unit already in scratch
+  private structured: boolean;
+  private readonly handler: ReplyHandler;
+  // current reply
+  private cookie = 0;
+  private flags = 0;
+  private chunkType = 0;
+  private chunkLength = 0;
+  private req: PendingRequest | undefined;
+  private dest: Buffer | undefined;
+  private destPos = 0;
+  private destEnd = 0;
+  private dataOffset = 0;
+  private readonly discard = Buffer.allocUnsafe(4096);
+
+  constructor(handler: ReplyHandler, structured: boolean) {
+    this.handler = handler;
+    this.structured = structured;
+    this.need = NBD_SIMPLE_REPLY_SIZE;
+  }
+
+  /** True between replies (no partial reply buffered). */
+  get idle(): boolean {
+    return this.state === S_HEADER && this.have === 0;
+  }
+
+  get dead(): boolean {
+    return this.state === S_DEAD;
+  }
+
+  /** Memory where the next incoming bytes belong. Never empty. */
+  nextBuffer(): Buffer {
+    if (this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD) return this.dest!.subarray(this.destPos, this.destEnd);
+    if (this.state === S_DEAD) return this.discard;
+    return this.scratch.subarray(this.have, this.need);
+  }
+
+  /** `n` bytes were written at the start of the buffer last returned by nextBuffer(). */
+  advance(n: number): void {
+    switch (this.state) {
+      case S_SIMPLE_PAYLOAD:
+      case S_DATA_PAYLOAD:
+        this.destPos += n;
+        if (this.destPos === this.destEnd) this.payloadDone();
+        return;
+      case S_DEAD:
+        return;
+      default:
+        this.have += n;
+        if (this.have === this.need) {
+          this.have = 0;
+          this.unitDone();
+        }
+    }
+  }
+
+  /** Feed bytes by copying (TLS sockets, tests). */
+  push(chunk: Buffer): void {
+    let pos = 0;
+    while (pos < chunk.length) {
+      const b = this.nextBuffer();
+      const n = Math.min(b.length, chunk.length - pos);
+      chunk.copy(b, 0, pos, pos + n);
+      pos += n;
+      this.advance(n);
+    }
+  }
+
+  /** Stop decoding with a protocol error (also used by the connection for EOF mid-reply). */
+  fail(message: string): void {
+    if (this.state === S_DEAD) return;
+    this.state = S_DEAD;
+    this.handler.onProtocolError(protocolError(message));
+  }
+
+  private expect(state: number, bytes: number): void {
+    this.state = state;
+    this.need = bytes;
+    this.have = 0;
+    if (bytes > this.scratch.length) this.scratch = Buffer.allocUnsafe(bytes);
+  }
+
+  private toHeader(): void {
+    this.expect(S_HEADER, NBD_SIMPLE_REPLY_SIZE);
+  }
+
+  private unitDone(): void {
+    const s = this.scratch;
+    switch (this.state) {
+      case S_HEADER:
+        return this.headerDone();
+      case S_CHUNK_REST: {
+        this.chunkLength = s.readUInt32BE(0);
+        if (this.chunkType !== NBD_REPLY_TYPE_OFFSET_DATA) return this.chunkHeaderDone();
+        const req = this.req!;
+        const len = this.chunkLength - 8;
+        if (req.type !== NBD_CMD_READ) return this.fail(`OFFSET_DATA chunk in reply to ${commandName(req.type)}`);
+        if (len <= 0) return this.fail(`OFFSET_DATA chunk with length ${this.chunkLength}`);
+        const offset = readU64(s, 4);
+        if (offset < req.offset || offset + len > req.offset + req.length)
+          return this.fail(`OFFSET_DATA chunk ${offset}+${len} outside the request ${req.offset}+${req.length}`);
+        this.dataOffset = offset;
+        this.dest = req.dest!;
+        this.destPos = offset - req.offset;
+        this.destEnd = this.destPos + len;
+        this.state = S_DATA_PAYLOAD;
+        return;
+      }
+      case S_BODY:
+        return this.bodyDone();
+    }
+  }
+
+  /**
+   * The first 16 bytes of a reply: a whole simple reply, or a structured chunk header up to its
+   * length field (magic, flags, type, cookie). The rest of a chunk header is read next, together
+   * with the offset of an OFFSET_DATA chunk, so that its payload can go straight to its buffer.
+   */
+  private headerDone(): void {
+    const s = this.scratch;
+    const magic = s.readUInt32BE(0);
+    if (magic !== NBD_SIMPLE_REPLY_MAGIC && magic !== NBD_STRUCTURED_REPLY_MAGIC) return this.fail(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
+    if (magic === NBD_STRUCTURED_REPLY_MAGIC && !this.structured) return this.fail('structured reply received but structured replies were not negotiated');
+    const hi = s.readUInt32BE(8);
+    const cookie = s.readUInt32BE(12);
+    const req = hi === 0 ? this.handler.lookup(cookie) : undefined;
+    if (!req) return this.fail(`reply for unknown cookie 0x${hi.toString(16)}${cookie.toString(16).padStart(8, '0')}`);
+    this.cookie = cookie;
+    this.req = req;
+    if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+      this.flags = s.readUInt16BE(4);
+      this.chunkType = s.readUInt16BE(6);
+      this.expect(S_CHUNK_REST, this.chunkType === NBD_REPLY_TYPE_OFFSET_DATA ? 12 : 4);
+      return;
+    }
+    const errno = s.readUInt32BE(4);
+    if (this.structured && (req.type === NBD_CMD_READ || (req.type === NBD_CMD_BLOCK_STATUS && errno === 0)))
+      return this.fail(`simple reply to ${commandName(req.type)} after structured replies were negotiated`);
+    if (errno === 0 && req.type === NBD_CMD_READ && req.length > 0) {
+      this.dest = req.dest!;
+      this.destPos = 0;
+      this.destEnd = req.length;
+      this.state = S_SIMPLE_PAYLOAD;
+      return;
+    }
+    this.toHeader();
+    this.handler.onSimpleReply(cookie, errno);
+  }
+
+  private chunkHeaderDone(): void {
+    const { chunkType: type, chunkLength: len, req } = this;
+    const cmd = commandName(req!.type);
+    if (type === NBD_REPLY_TYPE_NONE) {
+      if (len !== 0) return this.fail(`NBD_REPLY_TYPE_NONE with length ${len}`);
+      if (!(this.flags & NBD_REPLY_FLAG_DONE)) return this.fail('NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE');
+      this.toHeader();
+      this.handler.onDone(this.cookie);
+      return;
+    }
+    if (type === NBD_REPLY_TYPE_OFFSET_HOLE && req!.type !== NBD_CMD_READ) return this.fail(`OFFSET_HOLE chunk in reply to ${cmd}`);
+    if (type === NBD_REPLY_TYPE_BLOCK_STATUS && req!.type !== NBD_CMD_BLOCK_STATUS) return this.fail(`BLOCK_STATUS chunk in reply to ${cmd}`);
+    if (len > MAX_CHUNK_BODY) return this.fail(`structured reply chunk of ${len} bytes is too large`);
+    if (len === 0) {
+      this.need = 0;
+      return this.bodyDone();
+    }
+    this.expect(S_BODY, len);
+  }
+
+  private bodyDone(): void {
+    const s = this.scratch;
+    const len = this.chunkLength;
+    const cookie = this.cookie;
+    const req = this.req!;
+    const type = this.chunkType;
+    const done = (this.flags & NBD_REPLY_FLAG_DONE) !== 0;
+    this.toHeader();
+    switch (type) {
+      case NBD_REPLY_TYPE_OFFSET_HOLE: {
+        if (len !== 12) return this.fail(`OFFSET_HOLE chunk with length ${len}`);
+        const offset = readU64(s, 0);
+        const holeLen = s.readUInt32BE(8);
+        if (holeLen === 0) return this.fail('OFFSET_HOLE chunk with zero length');
+        if (offset < req.offset || offset + holeLen > req.offset + req.length)
+          return this.fail(`OFFSET_HOLE chunk ${offset}+${holeLen} outside the request ${req.offset}+${req.length}`);
+        this.handler.onHole(cookie, offset, holeLen);
+        break;
+      }
+      case NBD_REPLY_TYPE_BLOCK_STATUS: {
+        if (len < 12 || (len - 4) % 8 !== 0) return this.fail(`BLOCK_STATUS chunk with length ${len}`);
+        const id = s.readUInt32BE(0);
+        const extents: Extent[] = [];
+        for (let p = 4; p < len; p += 8) extents.push({ length: s.readUInt32BE(p), flags: s.readUInt32BE(p + 4) });
+        this.handler.onBlockStatus(cookie, id, extents);
+        break;
+      }
+      default: {
+        if (!(type & NBD_REPLY_TYPE_FLAG_ERROR)) return this.fail(`unknown structured reply chunk type ${type}`);
+        if (len < 6) return this.fail(`error chunk with length ${len}`);
+        const errno = s.readUInt32BE(0);
+        const msgLen = s.readUInt16BE(4);
+        let offset: number | undefined;
+        if (type === NBD_REPLY_TYPE_ERROR_OFFSET) {
+          if (len !== 6 + msgLen + 8) return this.fail(`ERROR_OFFSET chunk length ${len} does not match its message length ${msgLen}`);
+          offset = readU64(s, 6 + msgLen);
+          if (offset < req.offset || offset >= req.offset + Math.max(req.length, 1))
+            return this.fail(`ERROR_OFFSET ${offset} outside the request ${req.offset}+${req.length}`);
+        } else if (6 + msgLen > len || (type === NBD_REPLY_TYPE_ERROR && 6 + msgLen !== len)) {
+          return this.fail(`error chunk length ${len} does not match its message length ${msgLen}`);
+        }
+        if (errno === 0) return this.fail('error chunk with error value 0');
+        this.handler.onError(cookie, errno, s.toString('utf8', 6, 6 + msgLen), offset);
+      }
+    }
+    if (done && this.state !== S_DEAD) this.handler.onDone(cookie);
+  }
+
+  private payloadDone(): void {
+    const cookie = this.cookie;
+    if (this.state === S_SIMPLE_PAYLOAD) {
+      this.toHeader();
+      this.handler.onSimpleReply(cookie, 0);
+      return;
+    }
+    const done = (this.flags & NBD_REPLY_FLAG_DONE) !== 0;
+    const offset = this.dataOffset;
+    const len = this.chunkLength - 8;
+    this.toHeader();
+    this.handler.onData(cookie, offset, len);
+    if (done && this.state !== S_DEAD) this.handler.onDone(cookie);
+  }
+}

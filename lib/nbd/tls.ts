@@ -1,0 +1,61 @@
+/** TLS client options from an NBD address: PSK (psktool's "user:hexkey" files) or X.509 (a directory). */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as tls from 'node:tls';
+import { NbdStreamError } from '../errors.js';
+import type { NbdAddress } from './uri.js';
+
+function tlsError(message: string, cause?: unknown): NbdStreamError {
+  return new NbdStreamError('ERR_TLS', message, { cause });
+}
+
+function readFile(file: string, what: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw tlsError(`cannot read ${what} ${file}: ${(err as Error).message}`, err);
+  }
+}
+
+/** Key for `user` from a psktool file, as bytes. */
+export function readPskKey(file: string, user: string): Buffer {
+  const text = readFile(file, 'PSK file').toString('utf8');
+  for (const line of text.split(/\r?\n/)) {
+    const colon = line.indexOf(':');
+    if (colon < 0 || line.slice(0, colon) !== user) continue;
+    const hex = line.slice(colon + 1).trim();
+    if (!/^([0-9a-fA-F]{2})+$/.test(hex)) throw tlsError(`PSK file ${file}: key for user "${user}" is not hexadecimal`);
+    return Buffer.from(hex, 'hex');
+  }
+  throw tlsError(`PSK file ${file} has no key for user "${user}"`);
+}
+
+/** Options for tls.connect({socket, ...}) given the address's TLS parameters. */
+export function tlsConnectOptions(a: NbdAddress): tls.ConnectionOptions {
+  const servername = a.tlsHostname ?? (a.host && !/^[0-9.:]+$/.test(a.host) ? a.host : 'localhost');
+  if (a.tlsPskFile) {
+    const identity = a.tlsUsername ?? os.userInfo().username;
+    const psk = readPskKey(a.tlsPskFile, identity);
+    return {
+      pskCallback: () => ({ psk, identity }),
+      ciphers: 'PSK',
+      checkServerIdentity: () => undefined,
+      minVersion: 'TLSv1.2',
+    };
+  }
+  const o: tls.ConnectionOptions = { minVersion: 'TLSv1.2', servername, rejectUnauthorized: a.tlsVerifyPeer };
+  if (a.tlsCertificates) {
+    const dir = a.tlsCertificates;
+    const ca = path.join(dir, 'ca-cert.pem');
+    if (fs.existsSync(ca)) o.ca = readFile(ca, 'CA certificate');
+    const cert = path.join(dir, 'client-cert.pem');
+    const key = path.join(dir, 'client-key.pem');
+    if (fs.existsSync(cert)) {
+      o.cert = readFile(cert, 'client certificate');
+      o.key = readFile(key, 'client key');
+    }
+  }
+  if (!a.tlsVerifyPeer) o.checkServerIdentity = () => undefined;
+  return o;
+}
