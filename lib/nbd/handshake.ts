@@ -123,7 +123,7 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
       const r = await readReply(ch, NBD_OPT_STRUCTURED_REPLY);
       if (r.type === NBD_REP_ACK) info.structuredReplies = true;
       else if (r.type === NBD_REP_ERR_TLS_REQD) throw tlsRequired();
-      else if (!(r.type & NBD_REP_FLAG_ERROR)) throw handshakeError(`unexpected reply ${optionReplyName(r.type)} to NBD_OPT_STRUCTURED_REPLY`, 'ERR_PROTOCOL');
+      else if (!(r.type >= NBD_REP_FLAG_ERROR)) throw handshakeError(`unexpected reply ${optionReplyName(r.type)} to NBD_OPT_STRUCTURED_REPLY`, 'ERR_PROTOCOL');
     }
 
     if (info.structuredReplies && opts.metaContexts.length) {
@@ -136,7 +136,7 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
           info.metaContexts.set(c.name, c.id);
         } else if (r.type === NBD_REP_ACK) break;
         else if (r.type === NBD_REP_ERR_TLS_REQD) throw tlsRequired();
-        else if (r.type & NBD_REP_FLAG_ERROR) break; // no meta contexts: extents unavailable
+        else if (r.type >= NBD_REP_FLAG_ERROR) break; // no meta contexts: extents unavailable
         else throw handshakeError(`unexpected reply ${optionReplyName(r.type)} to NBD_OPT_SET_META_CONTEXT`, 'ERR_PROTOCOL');
       }
     }
@@ -163,7 +163,7 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
         return exportName(ch, opts, info, noZeroes);
       } else if (r.type === NBD_REP_ERR_TLS_REQD) throw tlsRequired();
       else if (r.type === NBD_REP_ERR_UNKNOWN) throw handshakeError(`export "${opts.exportName}" not found on the server${r.data.length ? ': ' + r.data.toString('utf8') : ''}`);
-      else if (r.type & NBD_REP_FLAG_ERROR) throw handshakeError(describeRefusal(`export "${opts.exportName}"`, r.type, r.data));
+      else if (r.type >= NBD_REP_FLAG_ERROR) throw handshakeError(describeRefusal(`export "${opts.exportName}"`, r.type, r.data));
       else throw handshakeError(`unexpected reply ${optionReplyName(r.type)} to NBD_OPT_GO`, 'ERR_PROTOCOL');
     }
   } catch (err) {

@@ -31,11 +31,23 @@ export function readPskKey(file: string, user: string): Buffer {
   throw tlsError(`PSK file ${file} has no key for user "${user}"`);
 }
 
+/** The PSK identity the client offers: the URI's user name, else the local login name. */
+export function pskIdentity(a: NbdAddress): string {
+  return a.tlsUsername ?? os.userInfo().username;
+}
+
+/** The credentials offered, for error messages: 'PSK user "alice"' or 'certificates from DIR'. */
+export function describeTlsCredentials(a: NbdAddress): string {
+  if (a.tlsPskFile) return `PSK user "${pskIdentity(a)}"`;
+  if (a.tlsCertificates) return `certificates from ${a.tlsCertificates}`;
+  return 'no client credentials';
+}
+
 /** Options for tls.connect({socket, ...}) given the address's TLS parameters. */
 export function tlsConnectOptions(a: NbdAddress): tls.ConnectionOptions {
   const servername = a.tlsHostname ?? (a.host && !/^[0-9.:]+$/.test(a.host) ? a.host : 'localhost');
   if (a.tlsPskFile) {
-    const identity = a.tlsUsername ?? os.userInfo().username;
+    const identity = pskIdentity(a);
     const psk = readPskKey(a.tlsPskFile, identity);
     return {
       pskCallback: () => ({ psk, identity }),

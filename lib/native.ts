@@ -1,0 +1,178 @@
+/**
+ * The optional native addon (native/nbdstream_native.c) and its fallbacks.
+ *
+ * `native` is undefined when the addon is not built, fails to load, or NBDSTREAM_NATIVE=0;
+ * `nativeLoadError` then says why. Callers test capabilities with `native !== undefined` (or
+ * catch `isNotSupported` errors) and use their generic fallback (extents → one data extent,
+ * zero → write zero buffers). Nothing here ever throws at import time.
+ *
+ * Errors from the addon look like node:fs errors: `{ code: 'ENXIO', errno: -6, syscall }`.
+ */
+
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The raw addon. All calls are synchronous; offsets and lengths are integers in [0, 2^53). */
+export interface NativeOps {
+  /** lseek(SEEK_DATA): next data at or after `offset`, or -1 if there is none (ENXIO). */
+  seekData(fd: number, offset: number): number;
+  /** lseek(SEEK_HOLE): next hole at or after `offset`; EOF counts as a hole. ENXIO past EOF. */
+  seekHole(fd: number, offset: number): number;
+  /** fallocate(PUNCH_HOLE|KEEP_SIZE): deallocate; reads back as zeros; size unchanged. */
+  punchHole(fd: number, offset: number, length: number): void;
+  /** fallocate(ZERO_RANGE|KEEP_SIZE): zero and keep allocated; size unchanged. */
+  zeroRange(fd: number, offset: number, length: number): void;
+  /** ioctl(BLKZEROOUT): the range reads back as zeros. */
+  blkZeroOut(fd: number, offset: number, length: number): void;
+  /** ioctl(BLKDISCARD): a hint; contents afterwards are unspecified (never use it for zeroes). */
+  blkDiscard(fd: number, offset: number, length: number): void;
+  /** ioctl(BLKGETSIZE64): block device size in bytes. */
+  blkGetSize64(fd: number): number;
+}
+
+/** A system-call error from the addon (or ENOSYS from a wrapper when the addon is missing). */
+export interface NativeError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+export interface FileExtent {
+  offset: number;
+  length: number;
+  /** true: a hole (reads as zeros); false: allocated data. */
+  zero: boolean;
+}
+
+const ADDON_PATH = join('native', 'build', 'Release', 'nbdstream_native.node');
+
+/** Nearest directory at or above this module holding a package.json (works from lib/ and dist/lib/). */
+function packageRoot(): string | undefined {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    if (existsSync(join(dir, 'package.json'))) return dir;
+    const parent = dirname(dir);
+    if (parent === dir) return undefined;
+    dir = parent;
+  }
+}
+
+function load(): { ops?: NativeOps; error?: string } {
+  if (process.env.NBDSTREAM_NATIVE === '0') return { error: 'disabled by NBDSTREAM_NATIVE=0' };
+  if (process.platform !== 'linux') return { error: `not supported on ${process.platform}` };
+  const root = packageRoot();
+  if (root === undefined) return { error: 'package root (package.json) not found' };
+  const path = join(root, ADDON_PATH);
+  try {
+    return { ops: createRequire(import.meta.url)(path) as NativeOps };
+  } catch (err) {
+    return { error: `${path}: ${(err as Error).message}` };
+  }
+}
+
+const loaded = load();
+
+export const native: NativeOps | undefined = loaded.ops;
+export const nativeLoadError: string | undefined = loaded.error;
+
+function unavailable(syscall: string): NativeError {
+  const err = new Error(`ENOSYS: native addon not loaded (${nativeLoadError}), ${syscall}`);
+  return Object.assign(err, { code: 'ENOSYS', errno: -38, syscall });
+}
+
+/** True for errors meaning "this file, device or build cannot do that": use the fallback. */
+export function isNotSupported(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
+}
+
+// Typed wrappers: same contracts as NativeOps; without the addon they throw ENOSYS.
+
+export function seekData(fd: number, offset: number): number {
+  if (!native) throw unavailable('lseek');
+  return native.seekData(fd, offset);
+}
+
+export function seekHole(fd: number, offset: number): number {
+  if (!native) throw unavailable('lseek');
+  return native.seekHole(fd, offset);
+}
+
+export function punchHole(fd: number, offset: number, length: number): void {
+  if (!native) throw unavailable('fallocate');
+  native.punchHole(fd, offset, length);
+}
+
+export function zeroRange(fd: number, offset: number, length: number): void {
+  if (!native) throw unavailable('fallocate');
+  native.zeroRange(fd, offset, length);
+}
+
+export function blkZeroOut(fd: number, offset: number, length: number): void {
+  if (!native) throw unavailable('ioctl(BLKZEROOUT)');
+  native.blkZeroOut(fd, offset, length);
+}
+
+export function blkDiscard(fd: number, offset: number, length: number): void {
+  if (!native) throw unavailable('ioctl(BLKDISCARD)');
+  native.blkDiscard(fd, offset, length);
+}
+
+export function blkGetSize64(fd: number): number {
+  if (!native) throw unavailable('ioctl(BLKGETSIZE64)');
+  return native.blkGetSize64(fd);
+}
+
+/**
+ * Data/hole map of a regular file over [offset, offset + length) clipped to fileSize.
+ * Extents are contiguous, non-empty, in order, and adjacent ones differ in `zero`; an empty
+ * range gives []. Holes are `zero: true`. Without the addon, or when the filesystem lacks
+ * SEEK_DATA/SEEK_HOLE (EINVAL, EOPNOTSUPP), the whole range is one data extent. Other errors
+ * (EBADF, EIO ...) are thrown. Granularity is the filesystem's (usually 4 KiB pages/blocks),
+ * so data extents may cover zero bytes next to written ones.
+ */
+export function fileExtents(fd: number, offset: number, length: number, fileSize: number): FileExtent[] {
+  const end = Math.min(offset + length, fileSize);
+  if (end <= offset) return [];
+  const whole: FileExtent[] = [{ offset, length: end - offset, zero: false }];
+  if (!native) return whole;
+
+  const out: FileExtent[] = [];
+  const push = (start: number, stop: number, zero: boolean): void => {
+    const last = out[out.length - 1];
+    if (last && last.zero === zero) last.length += stop - start;
+    else out.push({ offset: start, length: stop - start, zero });
+  };
+
+  try {
+    let pos = offset;
+    while (pos < end) {
+      const data = native.seekData(fd, pos);
+      // -1: no data at or after pos (trailing hole, or the file shrank below fileSize).
+      const dataStart = data < 0 ? end : Math.min(data, end);
+      if (dataStart > pos) {
+        push(pos, dataStart, true);
+        pos = dataStart;
+        if (pos >= end) break;
+      }
+      let hole: number;
+      try {
+        hole = native.seekHole(fd, pos);
+      } catch (err) {
+        if ((err as NativeError).code !== 'ENXIO') throw err;
+        hole = end; // file shrank between the two calls: keep the rest as data
+      }
+      // A hole must be past pos (pos is in data); guard against a misbehaving filesystem.
+      const dataEnd = hole > pos ? Math.min(hole, end) : end;
+      push(pos, dataEnd, false);
+      pos = dataEnd;
+    }
+  } catch (err) {
+    const code = (err as NativeError).code;
+    if (code === 'EINVAL' || isNotSupported(err)) return whole;
+    throw err;
+  }
+  return out;
+}
