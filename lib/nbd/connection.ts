@@ -13,7 +13,7 @@ import { encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
-import { tlsConnectOptions } from './tls.js';
+import { describeTlsCredentials, tlsConnectOptions } from './tls.js';
 import type { NbdAddress } from './uri.js';
 import {
   NBD_CMD_BLOCK_STATUS,
@@ -121,6 +121,12 @@ export class NbdConnection implements ReplyHandler {
     if (addr.socket === undefined) raw.setNoDelay(true);
     this.watch(raw);
 
+    // A TLS 1.3 client finishes its handshake before the server has checked the client
+    // certificate, so a server that refuses it (nbdkit --tls-verify-peer) hangs up only after
+    // secureConnect. Until the first byte arrives over TLS, a lost connection is a TLS refusal
+    // (as it already is under TLS 1.2), not a connection error.
+    let tlsUp = false;
+    let heardOverTls = false;
     this.info = await clientHandshake(
       {
         read: (n) => this.reader.read(n),
@@ -133,16 +139,27 @@ export class NbdConnection implements ReplyHandler {
           const ts = tls.connect({ ...options, socket: raw });
           await new Promise<void>((resolve, reject) => {
             ts.once('secureConnect', resolve);
-            ts.once('error', (err) => reject(new NbdStreamError('ERR_TLS', `TLS handshake failed: ${err.message}`, { cause: err })));
-            ts.once('close', () => reject(new NbdStreamError('ERR_TLS', 'TLS handshake failed: connection closed by the server')));
+            const why = () => describeTlsCredentials(addr);
+            ts.once('error', (err) => reject(new NbdStreamError('ERR_TLS', `TLS handshake failed (${why()}): ${err.message}`, { cause: err })));
+            ts.once('close', () => reject(new NbdStreamError('ERR_TLS', `TLS handshake failed (${why()}): connection closed by the server`)));
           });
+          ts.once('data', () => (heardOverTls = true));
           ts.on('data', onData);
           this.socket = ts;
           this.watch(ts);
+          tlsUp = true;
         },
       },
       { exportName: addr.exportName, tls: addr.tls, structuredReplies: this.opts.structuredReplies, metaContexts: this.opts.metaContexts },
-    );
+    ).catch((err: unknown) => {
+      if (tlsUp && !heardOverTls && err instanceof NbdStreamError && (err.code === 'ERR_CONNECT' || err.code === 'ERR_CLOSED'))
+        throw new NbdStreamError(
+          'ERR_TLS',
+          `server ended the TLS session right after the handshake (${describeTlsCredentials(addr)}; client certificate missing or not accepted?): ${err.message}`,
+          { cause: err },
+        );
+      throw err;
+    });
     this.decoder = new ReplyDecoder(this, this.info.structuredReplies);
     const left = this.reader.drain();
     if (left.length) this.decoder.push(left);

@@ -1,0 +1,118 @@
+import { describe, expect, it } from 'vitest';
+import { clipExtents, ExtentMap } from '../../lib/extents.js';
+import { splitZeroBlocks, isZero } from '../../lib/streams/zero-detect.js';
+import { ExtentSource } from '../../lib/streams/extent-source.js';
+import { MemoryEndpoint } from '../../lib/endpoints/memory.js';
+import type { Chunk } from '../../lib/extents.js';
+
+const MiB = 1 << 20;
+
+describe('clipExtents', () => {
+  it('clips to the range and merges adjacent runs of the same kind', () => {
+    const runs = [
+      { offset: 0, length: 100, zero: false },
+      { offset: 100, length: 50, zero: false },
+      { offset: 150, length: 100, zero: true },
+      { offset: 250, length: 1000, zero: true },
+    ];
+    expect(clipExtents(runs, 50, 300)).toEqual([
+      { offset: 50, length: 100, zero: false },
+      { offset: 150, length: 200, zero: true },
+    ]);
+    expect(clipExtents(runs, 0, 10000)).toEqual([
+      { offset: 0, length: 150, zero: false },
+      { offset: 150, length: 1100, zero: true },
+    ]);
+  });
+  it('rejects zero-length, backwards and gapped extents as protocol errors', () => {
+    expect(() => clipExtents([{ offset: 0, length: 0, zero: false }], 0, 10, 'ep')).toThrow(expect.objectContaining({ code: 'ERR_PROTOCOL', endpoint: 'ep' }));
+    expect(() =>
+      clipExtents(
+        [
+          { offset: 0, length: 10, zero: false },
+          { offset: 5, length: 10, zero: true },
+        ],
+        0,
+        20,
+      ),
+    ).toThrow(/bad extent 5\+10/);
+    expect(() => clipExtents([{ offset: 10, length: 10, zero: false }], 0, 20)).toThrow(/start at 10/);
+  });
+});
+
+describe('ExtentMap', () => {
+  it('asks once for a span the endpoint describes whole, and reuses it', async () => {
+    const ep = new MemoryEndpoint(Buffer.alloc(8 * MiB), 'm', [{ offset: MiB, length: 6 * MiB }]);
+    const map = new ExtentMap(ep, ep.size);
+    expect(await map.get(0, 2 * MiB)).toEqual([
+      { offset: 0, length: MiB, zero: false },
+      { offset: MiB, length: MiB, zero: true },
+    ]);
+    expect(await map.get(2 * MiB, 6 * MiB)).toEqual([
+      { offset: 2 * MiB, length: 5 * MiB, zero: true },
+      { offset: 7 * MiB, length: MiB, zero: false },
+    ]);
+    expect(ep.log).toEqual([`extents 0+${8 * MiB}`]);
+  });
+});
+
+describe('zero detection (-S)', () => {
+  it('isZero compares whole ranges', () => {
+    const b = Buffer.alloc(100000);
+    expect(isZero(b, 0, b.length)).toBe(true);
+    b[70000] = 1;
+    expect(isZero(b, 0, b.length)).toBe(false);
+    expect(isZero(b, 70001, b.length)).toBe(true);
+  });
+  it('splits at N-aligned zero blocks by absolute offset, merging runs; unaligned edges stay data', () => {
+    const data = Buffer.alloc(5 * 4096 + 100);
+    data[0] = 1; // in the unaligned head
+    data.fill(7, 3 * 4096, 3 * 4096 + 10);
+    // the chunk starts 100 bytes before a 4096 boundary
+    const c: Chunk = { offset: 4096 - 100, length: data.length, kind: 'data', data };
+    const out = splitZeroBlocks(c, 4096).map((x) => `${x.kind} ${x.offset}+${x.length}`);
+    expect(out).toEqual(['data 3996+100', 'zero 4096+8192', 'data 12288+4096', 'zero 16384+8192']);
+    // a chunk shorter than N, and an unaligned tail, stay data
+    expect(splitZeroBlocks({ offset: 0, length: 100, kind: 'data', data: Buffer.alloc(100) }, 4096)).toHaveLength(1);
+    const t = splitZeroBlocks({ offset: 0, length: 4196, kind: 'data', data: Buffer.alloc(4196) }, 4096);
+    expect(t.map((x) => `${x.kind} ${x.offset}+${x.length}`)).toEqual(['zero 0+4096', 'data 4096+100']);
+  });
+});
+
+describe('ExtentSource piece planning', () => {
+  async function chunks(ep: MemoryEndpoint, o = {}): Promise<string[]> {
+    const out: string[] = [];
+    for await (const c of new ExtentSource(ep, o)) out.push(`${(c as Chunk).kind} ${(c as Chunk).offset}+${(c as Chunk).length}`);
+    return out;
+  }
+  it('reads pieces holding data whole and sends each zero run once, cut at 128 MiB', async () => {
+    const size = 300 * MiB;
+    const buf = Buffer.alloc(size);
+    buf[0] = 1;
+    buf[200 * MiB + 5] = 1;
+    const ep = new MemoryEndpoint(buf, 'm', [
+      { offset: 4096, length: 200 * MiB - 4096 },
+      { offset: 200 * MiB + 8192, length: size - 200 * MiB - 8192 },
+    ]);
+    expect(await chunks(ep, { requestSize: 65536 })).toEqual([
+      'data 0+65536',
+      `zero 65536+${128 * MiB - 65536}`,
+      `zero ${128 * MiB}+${72 * MiB}`,
+      `data ${200 * MiB}+65536`,
+      `zero ${200 * MiB + 65536}+${56 * MiB - 65536}`,
+      `zero ${256 * MiB}+${44 * MiB}`,
+    ]);
+    expect(ep.log.filter((l) => l.startsWith('extents'))).toEqual([`extents 0+${size}`]);
+  });
+  it('reads everything with extents off, in request-size pieces', async () => {
+    const ep = new MemoryEndpoint(Buffer.alloc(MiB + 1), 'm', [{ offset: 0, length: MiB + 1 }]);
+    expect(await chunks(ep, { requestSize: 262144, extents: false })).toEqual(['data 0+262144', 'data 262144+262144', 'data 524288+262144', 'data 786432+262144', 'data 1048576+1']);
+  });
+  it('fails on a read error instead of producing zeroes', async () => {
+    const ep = new MemoryEndpoint(Buffer.alloc(MiB), 'm');
+    ep.read = async (offset) => {
+      throw Object.assign(new Error('boom'), { offset });
+    };
+    await expect(chunks(ep)).rejects.toThrow('boom');
+  });
+});
