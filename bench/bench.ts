@@ -1,0 +1,144 @@
+/**
+ * Benchmark: nbdstream against nbdcopy (and qemu-img convert where it applies) on the same data,
+ * in one run, printing times, speed ratios and peak RSS. The machine is shared and noisy: each
+ * case runs every tool REPEAT times (default 3), interleaved, and the best time counts.
+ *
+ *   npm run bench [-- --repeat N] [-- --only NAME]
+ *
+ * Data lives in /dev/shm (tmpfs) when it exists, so disk speed does not enter. Servers are nbdkit
+ * over a private Unix socket started per run with --run, the same for every tool.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const cli = path.join(root, 'bin/nbdstream');
+const readExample = path.join(root, 'dist/examples/read-export.js');
+const args = process.argv.slice(2);
+const repeat = Number(args[args.indexOf('--repeat') + 1] || 3) || 3;
+const only = args.includes('--only') ? args[args.indexOf('--only') + 1] : undefined;
+const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+const dir = fs.mkdtempSync(path.join(base, 'nbdstream-bench-'));
+const dense = path.join(dir, 'dense.img');
+
+interface Run {
+  seconds: number;
+  rssKiB: number;
+  cpu: number;
+}
+
+/** Run `sh -c script` under /usr/bin/time inside nbdkit --run; returns the client's time and RSS. */
+function timed(nbdkitArgs: string[], client: string): Run {
+  const tf = path.join(dir, 'time.txt');
+  const script = `/usr/bin/time -o ${tf} -f '%e %M %U %S' sh -c '${client.replace(/'/g, `'\\''`)}'`;
+  const r = spawnSync('nbdkit', ['-U', '-', '--exit-with-parent', ...nbdkitArgs, '--run', script], { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 24 });
+  if (r.status !== 0) throw new Error(`benchmark command failed (${client}): ${r.stderr.toString().trim()}`);
+  const [e, m, u, s] = fs.readFileSync(tf, 'utf8').trim().split('\n').pop()!.split(' ').map(Number);
+  return { seconds: e, rssKiB: m, cpu: u + s };
+}
+
+interface Case {
+  name: string;
+  server: string[];
+  bytes: number;
+  nbdstream: string;
+  nbdcopy: string;
+  qemuImg?: string;
+  before?: () => void;
+}
+
+const GiB = 2 ** 30;
+const out = path.join(dir, 'out.img');
+const rmOut = () => fs.rmSync(out, { force: true });
+const cases: Case[] = [
+  {
+    name: 'read-export 2G dense (example) vs nbdcopy → null:',
+    server: ['file', dense],
+    bytes: 2 * GiB,
+    nbdstream: `node ${readExample} "$uri" 1048576 16 4`,
+    nbdcopy: 'nbdcopy "$uri" null:',
+  },
+  {
+    name: 'dense 2G NBD → null:',
+    server: ['file', dense],
+    bytes: 2 * GiB,
+    nbdstream: `${cli} "$uri" null:`,
+    nbdcopy: 'nbdcopy "$uri" null:',
+  },
+  {
+    name: 'dense 2G NBD → file (tmpfs)',
+    server: ['file', dense],
+    bytes: 2 * GiB,
+    nbdstream: `${cli} "$uri" ${out}`,
+    nbdcopy: `nbdcopy "$uri" ${out}`,
+    qemuImg: `qemu-img convert -q -f raw -O raw -m 16 -W "$uri" ${out}`,
+    before: rmOut,
+  },
+  {
+    name: 'sparse-random 16G 5% NBD → null:',
+    server: ['sparse-random', '16G', 'percent=5', 'seed=1'],
+    bytes: 16 * GiB,
+    nbdstream: `${cli} "$uri" null:`,
+    nbdcopy: 'nbdcopy "$uri" null:',
+  },
+  {
+    name: 'sparse-random 16G 5% NBD → file (tmpfs)',
+    server: ['sparse-random', '16G', 'percent=5', 'seed=1'],
+    bytes: 16 * GiB,
+    nbdstream: `${cli} "$uri" ${out}`,
+    nbdcopy: `nbdcopy "$uri" ${out}`,
+    before: rmOut,
+  },
+];
+
+function fmt(r: Run | undefined): string {
+  return r ? `${r.seconds.toFixed(2)} s` : '-';
+}
+
+function main(): void {
+  if (!fs.existsSync(readExample)) throw new Error('run `npm run build` first');
+  execFileSync('sh', ['-c', `head -c ${2 * GiB} /dev/urandom > ${dense}`]);
+  const rows: string[][] = [['case', 'nbdstream', 'nbdcopy', 'qemu-img', 'speed vs nbdcopy', 'nbdstream RSS', 'nbdstream CPU/GiB', 'nbdcopy CPU/GiB']];
+  for (const c of cases) {
+    if (only && !c.name.includes(only)) continue;
+    const best: Record<string, Run | undefined> = {};
+    for (let i = 0; i < repeat; i++) {
+      for (const [tool, cmd] of [
+        ['nbdstream', c.nbdstream],
+        ['nbdcopy', c.nbdcopy],
+        ['qemu-img', c.qemuImg],
+      ] as const) {
+        if (!cmd) continue;
+        c.before?.();
+        const r = timed(c.server, cmd);
+        if (!best[tool] || r.seconds < best[tool]!.seconds) best[tool] = r;
+      }
+    }
+    const s = best.nbdstream!;
+    const n = best.nbdcopy!;
+    const gib = c.bytes / GiB;
+    rows.push([
+      c.name,
+      fmt(s),
+      fmt(n),
+      fmt(best['qemu-img']),
+      `${(n.seconds / Math.max(s.seconds, 0.005)).toFixed(2)}×`,
+      `${(s.rssKiB / 1024).toFixed(0)} MiB`,
+      `${(s.cpu / gib).toFixed(2)} s`,
+      `${(n.cpu / gib).toFixed(2)} s`,
+    ]);
+    process.stderr.write(`done: ${c.name}\n`);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  for (const r of rows) process.stdout.write(r.map((x, i) => x.padEnd(widths[i])).join('  ') + '\n');
+  process.stdout.write(`(best of ${repeat}; "speed vs nbdcopy" = nbdcopy time / nbdstream time, > 1 is faster)\n`);
+}
+
+try {
+  main();
+} finally {
+  fs.rmSync(dir, { recursive: true, force: true });
+}

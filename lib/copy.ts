@@ -1,0 +1,100 @@
+/**
+ * copy(src, dst, options): open the endpoints, check the target, compose
+ * ExtentSource -> ZeroDetect -> Sink, and resolve with a summary. Endpoints given as specs are
+ * opened and closed here; Endpoint objects passed in are left open.
+ */
+import { pipelinePromise } from 'streamx';
+import { NbdStreamError, asNbdStreamError } from './errors.js';
+import { openEndpoint, type EndpointSpec } from './endpoints/open.js';
+import type { Endpoint } from './endpoints/endpoint.js';
+import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE, ExtentSource } from './streams/extent-source.js';
+import { Sink } from './streams/sink.js';
+import { newStats, type CopyStats } from './streams/stats.js';
+import { ZeroDetect } from './streams/zero-detect.js';
+
+export interface CopyOptions {
+  /** Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). */
+  requestSize?: number;
+  /** Requests in flight per connection (default 64). */
+  requests?: number;
+  /** Bytes in flight (default 16 MiB). */
+  queueSize?: number;
+  /** NBD connections when multi-conn is allowed (default 4). */
+  connections?: number;
+  /** -S: zero-detection block size (default 4096; 0 = off; off with allocated). */
+  sparse?: number;
+  /** Fully allocated output: zero with NO_HOLE / ZERO_RANGE, no sparse detection. */
+  allocated?: boolean;
+  /** The target already reads as zeroes: send no zero requests. */
+  destinationIsZero?: boolean;
+  /** Ignore extent information: read everything. */
+  noExtents?: boolean;
+  /** Flush the target at the end. */
+  flush?: boolean;
+  /** One request at a time, one connection. */
+  synchronous?: boolean;
+  /** Progress: bytes done of total (total undefined for sources of unknown size). */
+  onProgress?: (done: number, total: number | undefined) => void;
+  /** Called once both endpoints are open (e.g. to print -v details). */
+  onOpen?: (src: Endpoint, dst: Endpoint) => void;
+}
+
+export interface CopySummary extends CopyStats {
+  size: number;
+  elapsed: number;
+}
+
+export function checkRequestSize(n: number): void {
+  if (!Number.isInteger(n) || n < 4096 || n > 32 * 1024 * 1024 || (n & (n - 1)) !== 0)
+    throw new NbdStreamError('ERR_USAGE', `--request-size must be a power of two between 4096 and 33554432, not ${n}`);
+}
+
+export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | Endpoint, options: CopyOptions = {}): Promise<CopySummary> {
+  const started = process.hrtime.bigint();
+  const requestSize = options.requestSize ?? DEFAULT_REQUEST_SIZE;
+  checkRequestSize(requestSize);
+  const sync = options.synchronous ?? false;
+  const requests = sync ? 1 : options.requests ?? 64;
+  const queueSize = Math.max(options.queueSize ?? DEFAULT_QUEUE_SIZE, requestSize);
+  const connections = sync ? 1 : options.connections ?? 4;
+  const allocated = options.allocated ?? false;
+  const sparse = allocated ? 0 : options.sparse ?? 4096;
+  const openOpts = { connections, requests, queueSize };
+
+  const opened: Endpoint[] = [];
+  const isEndpoint = (x: unknown): x is Endpoint => typeof x === 'object' && x !== null && !Array.isArray(x);
+  try {
+    const s = isEndpoint(src) ? src : await openEndpoint(src, 'source', openOpts);
+    if (!isEndpoint(src)) opened.push(s);
+    const d = isEndpoint(dst) ? dst : await openEndpoint(dst, 'target', { ...openOpts, sourceSize: s.size });
+    if (!isEndpoint(dst)) opened.push(d);
+    if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });
+    if (s.size !== undefined && d.size !== undefined && d.size < s.size)
+      throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is too small: ${d.size} bytes, source is ${s.size} bytes`, { endpoint: d.name });
+    options.onOpen?.(s, d);
+
+    const stats = newStats();
+    const source = new ExtentSource(s, { requestSize, requests, queueSize, extents: !options.noExtents, stats });
+    const total = s.size;
+    const sink = new Sink(d, {
+      requests,
+      queueSize,
+      allocated,
+      destinationIsZero: options.destinationIsZero,
+      flush: options.flush,
+      stats,
+      onProgress: options.onProgress ? (done) => options.onProgress!(done, total) : undefined,
+    });
+    await pipelinePromise(source, new ZeroDetect(sparse, queueSize), sink);
+    const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
+    const size = s.size ?? stats.bytesRead;
+    // close before reporting success: a failure to close (e.g. lost writes) is a failure
+    const toClose = opened.splice(0);
+    for (const ep of toClose) await ep.close();
+    return { ...stats, size, elapsed };
+  } catch (err) {
+    throw asNbdStreamError(err, 'ERR_IO');
+  } finally {
+    await Promise.allSettled(opened.map((ep) => ep.close()));
+  }
+}

@@ -1,0 +1,102 @@
+/**
+ * The Endpoint interface: the one seam every kind (NBD, file, block device, pipe, null, command)
+ * implements. The copier never branches on the kind; capabilities a kind lacks have one generic
+ * fallback here (extents -> one data extent, zero -> write zero buffers).
+ */
+import { NbdStreamError } from '../errors.js';
+
+export interface Capabilities {
+  /** extents() gives real allocation information. */
+  canExtents: boolean;
+  /** zero() is cheaper than writing zero bytes. */
+  canZero: boolean;
+  canFastZero: boolean;
+  canTrim: boolean;
+  canFlush: boolean;
+  canMultiConn: boolean;
+  /** Preferred request size (bytes). */
+  preferredBlockSize: number;
+  /** Largest read/write request the endpoint accepts (bytes). */
+  maxRequest: number;
+  /** The whole endpoint is known to read as zeroes before the copy (e.g. a freshly truncated file). */
+  isZeroInitialised: boolean;
+  /** Random access; false for pipes and stdin/stdout (offsets must then be sequential). */
+  seekable: boolean;
+  readOnly: boolean;
+}
+
+/** A run of the endpoint: `zero` means it is known to read as zeroes. */
+export interface ExtentRun {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+export interface ReadResult {
+  /** `length` bytes (zero ranges are zero-filled). */
+  data: Buffer;
+  /** Ranges known to be zero without having been transferred (NBD OFFSET_HOLE chunks). */
+  zeroes?: Range[];
+}
+
+export interface ZeroOptions {
+  /** Keep the range allocated (--allocated): NBD NO_HOLE, fallocate ZERO_RANGE. */
+  allocate?: boolean;
+}
+
+export interface Endpoint {
+  /** Name for messages and errors: the URI, path or "-". */
+  readonly name: string;
+  /** Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. */
+  readonly size: number | undefined;
+  readonly capabilities: Capabilities;
+  /** Extents from `offset`: consecutive, first starts at offset; may cover less than length. */
+  extents(offset: number, length: number): Promise<ExtentRun[]>;
+  /**
+   * Read `length` bytes at `offset` (into `into` if given). Non-seekable sources are read in
+   * order; at EOF the result is shorter than asked.
+   */
+  read(offset: number, length: number, into?: Buffer): Promise<ReadResult>;
+  /** Write all of `data` at `offset`. The buffer must not change until the promise settles. */
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Make the range read as zeroes (cheaply when capabilities.canZero; never by TRIM). */
+  zero(offset: number, length: number, options?: ZeroOptions): Promise<void>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export type OpenMode = 'source' | 'target';
+
+export interface OpenOptions {
+  /** Target only: the source's size (files are created/truncated to it). */
+  sourceSize?: number;
+  /** NBD: connections to open when multi-conn is allowed (-C). */
+  connections?: number;
+  /** NBD: requests in flight per connection (-R). */
+  requests?: number;
+  /** NBD: bytes in flight per connection. */
+  queueSize?: number;
+}
+
+const ZERO_BUFFER_SIZE = 1024 * 1024;
+let zeroBuffer: Buffer | undefined;
+
+/** Generic zero fallback: write zero buffers (at most 1 MiB each, in order). */
+export async function writeZeroes(ep: Pick<Endpoint, 'write'>, offset: number, length: number): Promise<void> {
+  zeroBuffer ??= Buffer.alloc(ZERO_BUFFER_SIZE);
+  for (let o = offset, end = offset + length; o < end; o += ZERO_BUFFER_SIZE) await ep.write(o, zeroBuffer.subarray(0, Math.min(ZERO_BUFFER_SIZE, end - o)));
+}
+
+/** Generic extents fallback: everything is data. */
+export function denseExtents(offset: number, length: number): ExtentRun[] {
+  return length > 0 ? [{ offset, length, zero: false }] : [];
+}
+
+export function readOnlyError(name: string, offset?: number): NbdStreamError {
+  return new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: name, offset });
+}

@@ -1,0 +1,324 @@
+/**
+ * File endpoint: regular files and block devices (fstat decides), as source or target.
+ *
+ * Contracts:
+ *  - A regular-file target is truncated to 0 and then to `opts.sourceSize`, so it is known to read
+ *    as zeroes (isZeroInitialised) and the copier can skip zero requests. Without a source size
+ *    (a pipe source) the file is truncated to 0, grows with the writes, and is *not* reported as
+ *    zero-initialised: a trailing zero run must still reach zero(), which extends the file.
+ *  - zero() never leaves a range un-zeroed: fallocate(PUNCH_HOLE) (ZERO_RANGE with `allocate`) on
+ *    files, BLKZEROOUT on block devices, else zero buffers are written. BLKDISCARD is never used
+ *    for zeroes (read-after-discard is unspecified).
+ *  - Every I/O failure is an NbdStreamError('ERR_IO', '<op> failed: <CODE> <text>') with the path
+ *    and the request offset; messages are one line.
+ */
+import { constants as fsConstants } from 'node:fs';
+import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
+import { NbdStreamError } from '../errors.js';
+import { blkGetSize64, blkZeroOut, fileExtents, isNotSupported, native, punchHole, zeroRange } from '../native.js';
+import {
+  denseExtents,
+  readOnlyError,
+  writeZeroes,
+  type Capabilities,
+  type Endpoint,
+  type ExtentRun,
+  type OpenMode,
+  type OpenOptions,
+  type ReadResult,
+  type ZeroOptions,
+} from './endpoint.js';
+
+const MiB = 1024 * 1024;
+const MAX_REQUEST = 32 * MiB;
+const DEFAULT_BLOCK_SIZE = 4096;
+
+/** "CODE text" from a node:fs or addon error ("ENOENT: no such file or directory, open '/x'"). */
+export function errnoText(err: unknown): string {
+  const e = err as NodeJS.ErrnoException | null | undefined;
+  const code = typeof e?.code === 'string' ? e.code : undefined;
+  let msg = typeof e?.message === 'string' ? e.message : String(err);
+  if (code !== undefined && msg.startsWith(`${code}: `)) msg = msg.slice(code.length + 2);
+  // node:fs and the addon append ", <syscall> ['<path>' [-> '<dest>']]".
+  msg = msg.replace(/, [\w()]+(?: '[^']*'(?: -> '[^']*')?)?$/, '');
+  msg = msg.replace(/\s+/g, ' ').trim();
+  if (code === undefined) return msg;
+  // Socket errors read "<syscall> <CODE>" ("write EPIPE"): the code alone says it.
+  if (msg === code || msg.endsWith(` ${code}`) && /^\w+ \w+$/.test(msg)) return code;
+  return `${code} ${msg}`;
+}
+
+function ioError(op: string, err: unknown, endpoint: string, offset?: number): NbdStreamError {
+  if (err instanceof NbdStreamError) return err;
+  return new NbdStreamError('ERR_IO', `${op} failed: ${errnoText(err)}`, { endpoint, offset, cause: err });
+}
+
+function checkRange(name: string, offset: number, length: number): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0 || !Number.isSafeInteger(offset + length)) {
+    throw new NbdStreamError('ERR_USAGE', `invalid request: offset ${offset}, length ${length}`, { endpoint: name });
+  }
+}
+
+/** Block device size without the addon: /sys/dev/block/MAJ:MIN/size is in 512-byte sectors. */
+async function sysfsBlockSize(rdev: bigint): Promise<number> {
+  const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & 0xfffff000n);
+  const minor = (rdev & 0xffn) | ((rdev >> 12n) & 0xffffff00n);
+  const text = await readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
+  const sectors = Number(text.trim());
+  if (!Number.isSafeInteger(sectors) || sectors < 0) throw new Error(`bad sysfs size ${JSON.stringify(text)}`);
+  return sectors * 512;
+}
+
+function blockSizeOf(blksize: number): number {
+  // st_blksize when it is a sensible power of two, else 4 KiB.
+  return blksize >= 512 && blksize <= 1 * MiB && (blksize & (blksize - 1)) === 0 ? blksize : DEFAULT_BLOCK_SIZE;
+}
+
+export type FileKind = 'file' | 'block';
+
+export class FileEndpoint implements Endpoint {
+  readonly name: string;
+  readonly kind: FileKind;
+  readonly capabilities: Capabilities;
+  private readonly fh: FileHandle;
+  private readonly fd: number;
+  private readonly mode: OpenMode;
+  private _size: number | undefined;
+  /** Regular-file target: highest end offset known to exist (a zero() past it must extend). */
+  private knownEnd: number;
+  private punchUnsupported = false;
+  private zeroRangeUnsupported = false;
+  private blkZeroOutUnsupported = false;
+  private closing: Promise<void> | undefined;
+
+  constructor(fh: FileHandle, name: string, mode: OpenMode, kind: FileKind, size: number | undefined, blksize: number, zeroInitialised: boolean) {
+    this.fh = fh;
+    this.fd = fh.fd;
+    this.name = name;
+    this.mode = mode;
+    this.kind = kind;
+    this._size = size;
+    this.knownEnd = size ?? 0;
+    const target = mode === 'target';
+    this.capabilities = {
+      canExtents: native !== undefined && kind === 'file',
+      canZero: target && native !== undefined,
+      canFastZero: false,
+      canTrim: false,
+      canFlush: true,
+      canMultiConn: true,
+      preferredBlockSize: blockSizeOf(blksize),
+      maxRequest: MAX_REQUEST,
+      isZeroInitialised: zeroInitialised,
+      seekable: true,
+      readOnly: !target,
+    };
+  }
+
+  get size(): number | undefined {
+    return this._size;
+  }
+
+  private checkOpen(): void {
+    if (this.closing) throw new NbdStreamError('ERR_USAGE', 'endpoint is closed', { endpoint: this.name });
+  }
+
+  async extents(offset: number, length: number): Promise<ExtentRun[]> {
+    checkRange(this.name, offset, length);
+    this.checkOpen();
+    const size = this._size;
+    if (size === undefined) return denseExtents(offset, length);
+    if (!this.capabilities.canExtents) return denseExtents(offset, Math.max(0, Math.min(length, size - offset)));
+    try {
+      return fileExtents(this.fd, offset, length, size).map((e) => ({ offset: e.offset, length: e.length, zero: e.zero }));
+    } catch (err) {
+      throw ioError('extents', err, this.name, offset);
+    }
+  }
+
+  async read(offset: number, length: number, into?: Buffer): Promise<ReadResult> {
+    checkRange(this.name, offset, length);
+    this.checkOpen();
+    if (into !== undefined && into.length < length) {
+      throw new NbdStreamError('ERR_USAGE', `read buffer too small: ${into.length} < ${length}`, { endpoint: this.name, offset });
+    }
+    const buf = into ?? Buffer.allocUnsafe(length);
+    let got = 0;
+    try {
+      while (got < length) {
+        const { bytesRead } = await this.fh.read(buf, got, length - got, offset + got);
+        if (bytesRead === 0) break; // EOF
+        got += bytesRead;
+      }
+    } catch (err) {
+      throw ioError('read', err, this.name, offset + got);
+    }
+    return { data: got === buf.length ? buf : buf.subarray(0, got) };
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    checkRange(this.name, offset, data.length);
+    this.checkOpen();
+    if (this.mode !== 'target') throw readOnlyError(this.name, offset);
+    let done = 0;
+    try {
+      while (done < data.length) {
+        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+        if (bytesWritten === 0) throw Object.assign(new Error('ENOSPC: no space left on device (0 bytes written)'), { code: 'ENOSPC' });
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw ioError('write', err, this.name, offset + done);
+    }
+    if (this.kind === 'file') this.grow(offset + data.length);
+  }
+
+  private grow(end: number): void {
+    if (end > this.knownEnd) this.knownEnd = end;
+    if (this._size !== undefined && this.mode === 'target' && end > this._size) this._size = end;
+  }
+
+  async zero(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    checkRange(this.name, offset, length);
+    this.checkOpen();
+    if (this.mode !== 'target') throw readOnlyError(this.name, offset);
+    if (length === 0) return;
+    if (this.kind === 'block') return this.zeroBlock(offset, length);
+
+    const end = offset + length;
+    if (end > this.knownEnd) {
+      // fallocate(KEEP_SIZE) does not extend the file; a 1-byte write at the end does, and unlike
+      // ftruncate it can never shrink the file under a concurrent write.
+      await this.write(end - 1, Buffer.alloc(1));
+    }
+    if (!options.allocate && !this.punchUnsupported) {
+      if (this.tryNative('punchHole', () => punchHole(this.fd, offset, length), offset)) return;
+    }
+    if (!this.zeroRangeUnsupported) {
+      if (this.tryNative('zeroRange', () => zeroRange(this.fd, offset, length), offset)) return;
+    }
+    await writeZeroes(this, offset, length);
+  }
+
+  /** Run a native zeroing call: true = done; false = unsupported (use the next method); throws on I/O errors. */
+  private tryNative(op: 'punchHole' | 'zeroRange' | 'blkZeroOut', fn: () => void, offset: number): boolean {
+    try {
+      fn();
+      return true;
+    } catch (err) {
+      if (isNotSupported(err)) {
+        if (op === 'punchHole') this.punchUnsupported = true;
+        else if (op === 'zeroRange') this.zeroRangeUnsupported = true;
+        else this.blkZeroOutUnsupported = true;
+        return false;
+      }
+      // EINVAL: this range or this file type cannot do it (e.g. unaligned BLKZEROOUT); fall back
+      // for this request only.
+      if ((err as NodeJS.ErrnoException).code === 'EINVAL') return false;
+      throw ioError('zero', err, this.name, offset);
+    }
+  }
+
+  private async zeroBlock(offset: number, length: number): Promise<void> {
+    if (!this.blkZeroOutUnsupported) {
+      if (this.tryNative('blkZeroOut', () => blkZeroOut(this.fd, offset, length), offset)) return;
+    }
+    await writeZeroes(this, offset, length);
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    if (this.mode !== 'target') return;
+    try {
+      await this.fh.sync();
+    } catch (err) {
+      throw ioError('flush', err, this.name);
+    }
+  }
+
+  close(): Promise<void> {
+    this.closing ??= this.fh.close().catch((err: unknown) => {
+      throw ioError('close', err, this.name);
+    });
+    return this.closing;
+  }
+}
+
+/**
+ * Open a regular file or a block device. Sources are opened read-only; regular-file targets are
+ * created if missing and truncated to `opts.sourceSize`; block-device targets keep their size
+ * (and must be at least `opts.sourceSize`). FIFOs, character devices and sockets belong to the
+ * pipe endpoint and are refused here with ERR_USAGE.
+ */
+export async function openFile(path: string, mode: OpenMode, opts: OpenOptions = {}): Promise<FileEndpoint> {
+  if (mode !== 'source' && mode !== 'target') throw new NbdStreamError('ERR_USAGE', `bad open mode ${String(mode)}`, { endpoint: path });
+  const sourceSize = opts.sourceSize;
+  if (sourceSize !== undefined && (!Number.isSafeInteger(sourceSize) || sourceSize < 0)) {
+    throw new NbdStreamError('ERR_USAGE', `bad source size ${sourceSize}`, { endpoint: path });
+  }
+
+  // Look first so that a FIFO is never opened here (open() on a FIFO blocks for the peer).
+  let exists = true;
+  try {
+    const st = await stat(path);
+    if (st.isFIFO() || st.isCharacterDevice() || st.isSocket()) {
+      throw new NbdStreamError('ERR_USAGE', 'not a regular file or block device (use it as a pipe)', { endpoint: path });
+    }
+    if (st.isDirectory()) throw openError(path, mode, Object.assign(new Error('EISDIR: is a directory'), { code: 'EISDIR' }));
+  } catch (err) {
+    if (err instanceof NbdStreamError) throw err;
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || mode === 'source') throw openError(path, mode, err);
+    exists = false;
+  }
+
+  const flags = mode === 'source' ? fsConstants.O_RDONLY : fsConstants.O_RDWR | (exists ? 0 : fsConstants.O_CREAT);
+  let fh: FileHandle;
+  try {
+    fh = await open(path, flags, 0o666);
+  } catch (err) {
+    throw openError(path, mode, err);
+  }
+
+  try {
+    const st = await fh.stat({ bigint: true });
+    const blksize = Number(st.blksize);
+    if (st.isBlockDevice()) {
+      let size: number;
+      try {
+        size = native ? blkGetSize64(fh.fd) : await sysfsBlockSize(st.rdev);
+      } catch (err) {
+        throw ioError('get size', err, path);
+      }
+      if (mode === 'target' && sourceSize !== undefined && size < sourceSize) {
+        throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
+      }
+      return new FileEndpoint(fh, path, mode, 'block', size, blksize, false);
+    }
+    if (!st.isFile()) {
+      const what = st.isDirectory() ? 'cannot open: EISDIR is a directory' : 'not a regular file or block device (use it as a pipe)';
+      throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
+    }
+    if (mode === 'source') return new FileEndpoint(fh, path, mode, 'file', Number(st.size), blksize, false);
+
+    // Regular-file target: drop old contents so it is all hole, then extend to the source size.
+    try {
+      await fh.truncate(0);
+      if (sourceSize !== undefined && sourceSize > 0) await fh.truncate(sourceSize);
+    } catch (err) {
+      throw ioError('truncate', err, path);
+    }
+    return new FileEndpoint(fh, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined);
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    throw err instanceof NbdStreamError ? err : ioError('open', err, path);
+  }
+}
+
+function openError(path: string, mode: OpenMode, err: unknown): NbdStreamError {
+  const code = (err as NodeJS.ErrnoException).code;
+  if (mode === 'target' && code === 'EROFS') {
+    return new NbdStreamError('ERR_UNSUPPORTED', `target is read-only: cannot open for writing: ${errnoText(err)}`, { endpoint: path, cause: err });
+  }
+  const what = mode === 'target' ? 'cannot open for writing' : 'cannot open';
+  return new NbdStreamError('ERR_IO', `${what}: ${errnoText(err)}`, { endpoint: path, cause: err });
+}

@@ -1,0 +1,54 @@
+/**
+ * openEndpoint(spec, mode): choose the endpoint kind from its spec — an NBD URI, `null:`, `-`,
+ * `[ CMD ARGS ]` (given as an argv array), or a path (regular file or block device; FIFOs,
+ * character devices and sockets are pipes).
+ */
+import * as fs from 'node:fs';
+import { promisify } from 'node:util';
+import { NbdStreamError } from '../errors.js';
+import { isNbdUri } from '../nbd/uri.js';
+import type { Endpoint, OpenMode, OpenOptions } from './endpoint.js';
+import { startActivated } from './command.js';
+import { openFile } from './file.js';
+import { openNbd } from './nbd.js';
+import { openNull } from './null.js';
+import { openPipe } from './pipe.js';
+
+/** A URI, path, "-", "null:", or the argv of a server command to socket-activate. */
+export type EndpointSpec = string | string[];
+
+export function describeSpec(spec: EndpointSpec): string {
+  return Array.isArray(spec) ? `[ ${spec.join(' ')} ]` : spec;
+}
+
+export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
+  if (Array.isArray(spec)) {
+    const name = describeSpec(spec);
+    const server = await startActivated(spec, { name });
+    try {
+      return await openNbd(server.uri, opts, name, () => server.stop());
+    } catch (err) {
+      await server.stop();
+      throw err;
+    }
+  }
+  if (isNbdUri(spec)) return openNbd(spec, opts);
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
+  if (spec === 'null:') {
+    if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination', { endpoint: spec });
+    return openNull();
+  }
+  if (spec === '-') return mode === 'source' ? openPipe(0, '-', 'source') : openPipe(1, '-', 'target');
+  let st: fs.Stats | undefined;
+  try {
+    st = fs.statSync(spec);
+  } catch {
+    st = undefined; // missing: a source fails in openFile, a target is created
+  }
+  if (st && (st.isFIFO() || st.isCharacterDevice() || st.isSocket())) {
+    // async open: opening a FIFO waits for its other end, which must not block the event loop
+    const fd = await promisify(fs.open)(spec, mode === 'source' ? 'r' : 'w');
+    return openPipe(fd, spec, mode);
+  }
+  return openFile(spec, mode, opts);
+}

@@ -1,0 +1,187 @@
+/**
+ * ExtentSource: a streamx Readable of Chunks covering a source endpoint in offset order.
+ *
+ * The source is walked in 128 MiB work ranges; each is cut into request-size pieces from its
+ * start. A piece wholly covered by zero extents joins the pending zero run, which is emitted as
+ * one zero chunk when a data piece comes or the work range ends. Any other piece is read whole
+ * and emitted as data, except ranges the read reply itself marks as holes, which flow on as zero
+ * chunks. Failure to get extents makes the work range data; failure to read destroys the stream
+ * (a read error never becomes zeroes). Up to `requests` reads are in flight, bounded by
+ * `queueSize` bytes; chunks are still emitted in order.
+ */
+import { Readable } from 'streamx';
+import { NbdStreamError } from '../errors.js';
+import { ExtentMap, WORK_RANGE, type Chunk } from '../extents.js';
+import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
+import { newStats, type CopyStats } from './stats.js';
+
+export interface ExtentSourceOptions {
+  /** Piece size: power of two, 4 KiB - 32 MiB (default 256 KiB). */
+  requestSize?: number;
+  /** Reads in flight (default 64). */
+  requests?: number;
+  /** Bytes of reads in flight (default 16 MiB). */
+  queueSize?: number;
+  /** Use extent information (default true); false reads everything (--no-extents). */
+  extents?: boolean;
+  stats?: CopyStats;
+}
+
+type Piece = { kind: 'zero' | 'data'; offset: number; length: number };
+
+export const DEFAULT_REQUEST_SIZE = 256 * 1024;
+export const DEFAULT_QUEUE_SIZE = 16 * 1024 * 1024;
+
+export function chunkBytes(c: Chunk): number {
+  return c.kind === 'data' ? c.length : 64;
+}
+
+export class ExtentSource extends Readable {
+  readonly stats: CopyStats;
+  private readonly src: Endpoint;
+  private readonly requestSize: number;
+  private readonly maxRequests: number;
+  private readonly queueSize: number;
+  private readonly useExtents: boolean;
+  private readonly plan: AsyncGenerator<Piece>;
+  private planDone = false;
+  private readonly queue: Array<{ bytes: number; chunks: Promise<Chunk[]> }> = [];
+  private queuedBytes = 0;
+  private streamOffset = 0; // for sources of unknown size
+
+  constructor(src: Endpoint, options: ExtentSourceOptions = {}) {
+    const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
+    super({ highWaterMark: queueSize, byteLength: (c) => chunkBytes(c as Chunk) });
+    this.src = src;
+    this.requestSize = options.requestSize ?? DEFAULT_REQUEST_SIZE;
+    this.maxRequests = src.capabilities.seekable ? Math.max(1, options.requests ?? 64) : 1;
+    this.queueSize = queueSize;
+    this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
+    this.stats = options.stats ?? newStats();
+    this.plan = src.size === undefined ? this.planStream() : this.planRanges(src.size);
+  }
+
+  /** Pieces of a source of known size, by work range. */
+  private async *planRanges(size: number): AsyncGenerator<Piece> {
+    const rs = this.requestSize;
+    const map = new ExtentMap(this.src, size);
+    for (let ws = 0; ws < size; ws += WORK_RANGE) {
+      const we = Math.min(ws + WORK_RANGE, size);
+      let runs: ExtentRun[] = [{ offset: ws, length: we - ws, zero: false }];
+      if (this.useExtents) {
+        const before = map.requests;
+        try {
+          runs = await map.get(ws, we - ws);
+        } catch {
+          this.stats.extentErrors++;
+        }
+        this.stats.requests.extents += map.requests - before;
+      }
+      let zeroStart = -1;
+      let zeroEnd = -1;
+      let ri = 0;
+      for (let p = ws; p < we; ) {
+        const pe = Math.min(p + rs, we);
+        while (runs[ri].offset + runs[ri].length <= p) ri++;
+        const r = runs[ri];
+        if (r.zero && r.offset + r.length >= pe) {
+          // every whole piece inside this zero run joins the pending zero run
+          const zEnd = r.offset + r.length;
+          const last = zEnd >= we ? we : ws + Math.floor((zEnd - ws) / rs) * rs;
+          if (zeroStart < 0) zeroStart = p;
+          zeroEnd = last;
+          p = last;
+          continue;
+        }
+        if (zeroStart >= 0) {
+          yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
+          zeroStart = -1;
+        }
+        yield { kind: 'data', offset: p, length: pe - p };
+        p = pe;
+      }
+      if (zeroStart >= 0) yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
+    }
+  }
+
+  /** Sources of unknown size: sequential data pieces until a short read. */
+  private async *planStream(): AsyncGenerator<Piece> {
+    for (;;) {
+      yield { kind: 'data', offset: this.streamOffset, length: this.requestSize };
+      if (this.planDone) return;
+    }
+  }
+
+  private async readPiece(p: Piece): Promise<Chunk[]> {
+    if (p.kind === 'zero') return [{ offset: p.offset, length: p.length, kind: 'zero' }];
+    const stats = this.stats;
+    const r = await this.src.read(p.offset, p.length);
+    stats.requests.read++;
+    const length = r.data.length;
+    if (this.src.size === undefined) {
+      this.streamOffset += length;
+      if (length < p.length) this.planDone = true;
+      if (length === 0) return [];
+    } else if (length !== p.length) {
+      throw new NbdStreamError('ERR_IO', `short read: ${length} of ${p.length} bytes`, { endpoint: this.src.name, offset: p.offset });
+    }
+    stats.bytesRead += length;
+    if (!r.zeroes?.length) return [{ offset: p.offset, length, kind: 'data', data: r.data }];
+    // split around the ranges the server sent as holes
+    const out: Chunk[] = [];
+    let pos = p.offset;
+    const end = p.offset + length;
+    for (const z of [...r.zeroes].sort((a, b) => a.offset - b.offset)) {
+      if (z.offset > pos) out.push({ offset: pos, length: z.offset - pos, kind: 'data', data: r.data.subarray(pos - p.offset, z.offset - p.offset) });
+      const zs = Math.max(z.offset, pos);
+      const ze = Math.min(z.offset + z.length, end);
+      if (ze > zs) {
+        const last = out[out.length - 1];
+        if (last && last.kind === 'zero' && last.offset + last.length === zs) last.length += ze - zs;
+        else out.push({ offset: zs, length: ze - zs, kind: 'zero' });
+        pos = ze;
+      }
+    }
+    if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
+    return out;
+  }
+
+  /** Start reads until the limits are reached or the plan ends. */
+  private async fill(): Promise<void> {
+    while (!this.planDone && this.queue.length < this.maxRequests && (this.queuedBytes < this.queueSize || this.queue.length === 0)) {
+      if (this.src.size === undefined && this.queue.length) return; // streams: one read at a time
+      const n = await this.plan.next();
+      if (n.done) {
+        this.planDone = true;
+        return;
+      }
+      const bytes = n.value.kind === 'data' ? n.value.length : 0;
+      const chunks = this.readPiece(n.value);
+      chunks.catch(() => undefined); // observed when dequeued
+      this.queue.push({ bytes, chunks });
+      this.queuedBytes += bytes;
+    }
+  }
+
+  override _read(cb: (err: Error | null) => void): void {
+    void (async () => {
+      await this.fill();
+      const head = this.queue.shift();
+      if (!head) {
+        this.push(null);
+        return;
+      }
+      this.queuedBytes -= head.bytes;
+      const chunks = await head.chunks;
+      for (const c of chunks) this.push(c);
+      if (!chunks.length && this.planDone && !this.queue.length) this.push(null);
+    })().then(
+      () => cb(null),
+      (err) => cb(err),
+    );
+  }
+
+  override _destroy(cb: (err: Error | null) => void): void {
+    void this.plan.return(undefined).finally(() => cb(null));
+  }
+}

@@ -1,0 +1,130 @@
+/**
+ * Sink: a streamx Writable that writes data chunks to a target endpoint and turns zero chunks
+ * into zero requests — or into nothing when the target is known to be zero. Several requests are
+ * in flight (bounded by count and bytes); the first failure destroys the stream, and the sink
+ * finishes only after every request has completed (then flushes, if asked).
+ */
+import { Writable } from 'streamx';
+import type { Chunk } from '../extents.js';
+import type { Endpoint } from '../endpoints/endpoint.js';
+import { newStats, type CopyStats } from './stats.js';
+
+export interface SinkOptions {
+  /** Requests in flight (default 64). */
+  requests?: number;
+  /** Bytes of writes in flight (default 16 MiB). */
+  queueSize?: number;
+  /** Keep zeroed ranges allocated (--allocated). */
+  allocated?: boolean;
+  /** Target already reads as zeroes (--destination-is-zero); also implied by isZeroInitialised. */
+  destinationIsZero?: boolean;
+  /** Flush the target at the end (--flush). */
+  flush?: boolean;
+  stats?: CopyStats;
+  /** Called as chunks complete with the bytes of the source covered so far. */
+  onProgress?: (bytesDone: number) => void;
+}
+
+export class Sink extends Writable {
+  readonly stats: CopyStats;
+  private readonly dst: Endpoint;
+  private readonly maxRequests: number;
+  private readonly queueSize: number;
+  private readonly allocated: boolean;
+  private readonly skipZeroes: boolean;
+  private readonly doFlush: boolean;
+  private readonly onProgress?: (bytesDone: number) => void;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private done = 0;
+  private blocked: ((err: Error | null) => void) | undefined;
+  private idle: (() => void) | undefined;
+  private failure: Error | undefined;
+
+  constructor(dst: Endpoint, options: SinkOptions = {}) {
+    const queueSize = options.queueSize ?? 16 * 1024 * 1024;
+    super({ highWaterMark: Math.min(queueSize, 1024 * 1024), byteLength: (c) => ((c as Chunk).kind === 'data' ? (c as Chunk).length : 64) });
+    this.dst = dst;
+    this.maxRequests = dst.capabilities.seekable ? Math.max(1, options.requests ?? 64) : 16;
+    this.queueSize = queueSize;
+    this.allocated = options.allocated ?? false;
+    this.skipZeroes = (options.destinationIsZero ?? false) || dst.capabilities.isZeroInitialised;
+    this.doFlush = options.flush ?? false;
+    this.stats = options.stats ?? newStats();
+    this.onProgress = options.onProgress;
+  }
+
+  override _write(data: unknown, cb: (err: Error | null) => void): void {
+    if (this.failure) return cb(this.failure);
+    const c = data as Chunk;
+    const stats = this.stats;
+    let op: Promise<void>;
+    let bytes = 0;
+    if (c.kind === 'data') {
+      bytes = c.length;
+      stats.requests.write++;
+      op = this.dst.write(c.offset, c.data!).then(() => {
+        stats.bytesWritten += c.length;
+      });
+    } else if (this.skipZeroes) {
+      stats.bytesSkipped += c.length;
+      this.progress(c.length);
+      return cb(null);
+    } else {
+      stats.requests.zero++;
+      op = this.dst.zero(c.offset, c.length, { allocate: this.allocated }).then(() => {
+        stats.bytesZeroed += c.length;
+      });
+    }
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+    op.then(
+      () => {
+        this.inFlight--;
+        this.inFlightBytes -= bytes;
+        this.progress(c.length);
+        this.release();
+      },
+      (err: Error) => {
+        this.inFlight--;
+        this.inFlightBytes -= bytes;
+        this.failure ??= err;
+        if (this.blocked) this.release();
+        else this.destroy(this.failure);
+      },
+    );
+    if (this.inFlight < this.maxRequests && this.inFlightBytes < this.queueSize) cb(null);
+    else this.blocked = cb;
+  }
+
+  private progress(n: number): void {
+    this.done += n;
+    this.onProgress?.(this.done);
+  }
+
+  private release(): void {
+    const b = this.blocked;
+    if (b && (this.failure || (this.inFlight < this.maxRequests && this.inFlightBytes < this.queueSize))) {
+      this.blocked = undefined;
+      b(this.failure ?? null);
+    }
+    if (this.inFlight === 0 && this.idle) {
+      const i = this.idle;
+      this.idle = undefined;
+      i();
+    }
+  }
+
+  override _final(cb: (err: Error | null) => void): void {
+    const finish = () => {
+      if (this.failure) return cb(this.failure);
+      if (!this.doFlush) return cb(null);
+      this.dst.flush().then(
+        () => cb(null),
+        (err: Error) => cb(err),
+      );
+    };
+    if (this.inFlight === 0) finish();
+    else this.idle = finish;
+  }
+}

@@ -1,0 +1,63 @@
+/**
+ * ZeroDetect: a streamx Transform applying -S N. In each data chunk, every N-aligned block (by
+ * absolute offset) of zero bytes becomes zero instead of data; adjacent zero blocks and adjacent
+ * data blocks inside the chunk merge, so a chunk turns into alternating data and zero chunks. An
+ * unaligned head or tail is data. Zero chunks and N = 0 pass through unchanged.
+ */
+import { Transform } from 'streamx';
+import type { Chunk } from '../extents.js';
+import { chunkBytes } from './extent-source.js';
+
+let zeroes = Buffer.alloc(0);
+
+/** True if buf[start, end) is all zero bytes. */
+export function isZero(buf: Buffer, start: number, end: number): boolean {
+  const n = end - start;
+  if (n <= 0) return true;
+  if (buf[start] !== 0 || buf[end - 1] !== 0) return false;
+  if (zeroes.length < n) zeroes = Buffer.alloc(Math.max(n, 65536));
+  return zeroes.compare(buf, start, end, 0, n) === 0;
+}
+
+/** Split one data chunk into data/zero chunks at N-aligned zero blocks. */
+export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
+  if (c.kind !== 'data' || n <= 0 || c.length < n) return [c];
+  const data = c.data!;
+  const out: Chunk[] = [];
+  const end = c.offset + c.length;
+  let runStart = c.offset;
+  let runZero = false;
+  const emit = (to: number) => {
+    if (to <= runStart) return;
+    out.push(
+      runZero
+        ? { offset: runStart, length: to - runStart, kind: 'zero' }
+        : { offset: runStart, length: to - runStart, kind: 'data', data: data.subarray(runStart - c.offset, to - c.offset) },
+    );
+    runStart = to;
+  };
+  for (let b = c.offset; b < end; ) {
+    const aligned = b % n === 0;
+    const blockEnd = aligned ? b + n : Math.min(b - (b % n) + n, end);
+    const zero = aligned && blockEnd <= end && isZero(data, b - c.offset, blockEnd - c.offset);
+    const next = Math.min(blockEnd, end);
+    if (zero !== runZero) {
+      emit(b);
+      runZero = zero;
+    }
+    b = next;
+  }
+  emit(end);
+  return out;
+}
+
+export class ZeroDetect extends Transform {
+  constructor(private readonly sparse: number, queueSize = 16 * 1024 * 1024) {
+    super({ highWaterMark: queueSize, byteLength: (c) => chunkBytes(c as Chunk) });
+  }
+
+  override _transform(c: unknown, cb: (err: Error | null, data?: unknown) => void): void {
+    for (const out of splitZeroBlocks(c as Chunk, this.sparse)) this.push(out);
+    cb(null);
+  }
+}
