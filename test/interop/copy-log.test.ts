@@ -1,0 +1,137 @@
+/**
+ * Exact request logs: what nbdstream asks of the target, as the target itself records it.
+ * Source: nbdkit data with bytes at 0, 1 GiB-1, 4 GiB-1 and 4 GiB (size 4 GiB+1).
+ * Target: nbdkit eval logging every pwrite/zero call (or memory + log filter for big logs).
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { logLines, nbdkit, type Server } from '../helpers/servers.js';
+import { run } from '../helpers/cli.js';
+
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+const SIZE = 4 * GiB + 1;
+let servers: Server[] = [];
+afterEach(async () => {
+  await Promise.allSettled(servers.map((s) => s.stop()));
+  servers = [];
+});
+
+async function source(): Promise<Server> {
+  const s = await nbdkit('data', ['1 @1073741823 1 @4294967295 1 1', `size=${SIZE}`], { readOnly: true });
+  servers.push(s);
+  return s;
+}
+
+/** An eval target of SIZE bytes that appends "pwrite COUNT OFFSET FLAGS" / "zero ..." lines to a log. */
+async function evalTarget(): Promise<{ server: Server; log: () => string[] }> {
+  const dir = fs.mkdtempSync('/tmp/nbdstream-eval-');
+  const log = path.join(dir, 'calls');
+  fs.writeFileSync(log, '');
+  const s = await nbdkit('eval', [
+    `get_size=echo ${SIZE}`,
+    'can_write=exit 0',
+    'can_zero=exit 0',
+    'can_trim=exit 0',
+    `pwrite=cat >/dev/null; echo "pwrite $3 $4 $5" >> ${log}`,
+    `zero=echo "zero $3 $4 $5" >> ${log}`,
+    `trim=echo "trim $3 $4 $5" >> ${log}`,
+    'pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none',
+  ]);
+  servers.push({ ...s, stop: async () => (await s.stop(), fs.rmSync(dir, { recursive: true, force: true })) });
+  return {
+    server: s,
+    log: () =>
+      fs
+        .readFileSync(log, 'utf8')
+        .trim()
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => l.trim())
+        .sort((a, b) => Number(a.split(' ')[2]) - Number(b.split(' ')[2])),
+  };
+}
+
+/** The expected zero calls: [from, to) cut at 128 MiB boundaries. */
+function zeroes(from: number, to: number, flags: string): string[] {
+  const out: string[] = [];
+  for (let o = from; o < to; ) {
+    const e = Math.min(to, Math.floor(o / (128 * MiB)) * 128 * MiB + 128 * MiB);
+    out.push(`zero ${e - o} ${o} ${flags}`.trim());
+    o = e;
+  }
+  return out;
+}
+
+const writes = ['pwrite 32768 0', `pwrite 32768 ${GiB - 32768}`, `pwrite 32768 ${4 * GiB - 32768}`, `pwrite 1 ${4 * GiB}`];
+
+function expected(flags: string): string[] {
+  return [
+    writes[0],
+    ...zeroes(32768, GiB - 32768, flags),
+    writes[1],
+    ...zeroes(GiB, 4 * GiB - 32768, flags),
+    writes[2],
+    writes[3],
+  ].sort((a, b) => Number(a.split(' ')[2]) - Number(b.split(' ')[2]));
+}
+
+describe('request logs on the target', () => {
+  it('writes only the pages holding data and the 1-byte tail; zeroes the rest with may_trim, split at 128 MiB', async () => {
+    const src = await source();
+    const dst = await evalTarget();
+    const r = await run(['--request-size=32768', '-S', '0', src.uri, dst.server.uri]);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(dst.log()).toEqual(expected('may_trim'));
+  });
+
+  it('--allocated zeroes without may_trim', async () => {
+    const src = await source();
+    const dst = await evalTarget();
+    const r = await run(['--allocated', '--request-size=32768', '-S', '0', src.uri, dst.server.uri]);
+    expect(r.status).toBe(0);
+    expect(dst.log()).toEqual(expected(''));
+  });
+
+  for (const flag of ['--destination-is-zero', '--target-is-zero'])
+    it(`${flag} sends no zero requests at all`, async () => {
+      const src = await source();
+      const dst = await evalTarget();
+      const r = await run([flag, '--request-size=32768', '-S', '0', src.uri, dst.server.uri]);
+      expect(r.status).toBe(0);
+      expect(dst.log()).toEqual(writes);
+    });
+
+  it('--no-extents reads everything and writes only full-size requests (-S 0)', async () => {
+    const src = await nbdkit('data', ['1 @1048575 1', `size=${8 * MiB}`], { readOnly: true, log: true });
+    servers.push(src);
+    const dst = await nbdkit('memory', [`${8 * MiB}`], { log: true });
+    servers.push(dst);
+    const r = await run(['--no-extents', '--request-size=1M', '-S', '0', src.uri, dst.uri]);
+    expect(r.status).toBe(0);
+    const w = logLines(dst.logFile!, ['Write']).filter((l) => l.includes('count='));
+    expect(w.map((l) => /offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/.exec(l)!.slice(1).map(Number)).sort((a, b) => a[0] - b[0])).toEqual(
+      Array.from({ length: 8 }, (_, i) => [i * MiB, MiB]),
+    );
+    expect(logLines(dst.logFile!, ['Zero'])).toEqual([]);
+    expect(logLines(src.logFile!, ['Extents'])).toEqual([]);
+  });
+
+  it('-S turns zero blocks inside read pieces into zero requests', async () => {
+    // 1 MiB of data extent whose second half is zero bytes
+    const src = await nbdkit('data', ['1 @524287 1', `size=${MiB}`], { readOnly: true, filters: ['noextents'] });
+    servers.push(src);
+    const dst = await nbdkit('memory', [`${MiB}`], { log: true });
+    servers.push(dst);
+    const r = await run(['--request-size=1M', '-S', '65536', src.uri, dst.uri]);
+    expect(r.status).toBe(0);
+    const calls = logLines(dst.logFile!, ['Write', 'Zero'])
+      .filter((l) => l.includes('count='))
+      .map((l) => /(Write|Zero) id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/.exec(l)!.slice(1))
+      .map(([k, o, c]) => `${k} ${Number(o)}+${Number(c)}`)
+      .sort((a, b) => Number(a.split(' ')[1].split('+')[0]) - Number(b.split(' ')[1].split('+')[0]));
+    expect(calls).toEqual(['Write 0+65536', 'Zero 65536+393216', 'Write 458752+65536', 'Zero 524288+524288']);
+  });
+});
