@@ -1,5 +1,19 @@
 /** nbdstream public API. */
 export { NbdStreamError, type ErrorCode } from './errors.js';
+export { copy, type CopyOptions, type CopySummary } from './copy.js';
+export { WORK_RANGE, clipExtents, ExtentMap, type Chunk } from './extents.js';
+export { ExtentSource, type ExtentSourceOptions } from './streams/extent-source.js';
+export { ZeroDetect, splitZeroBlocks } from './streams/zero-detect.js';
+export { Sink, type SinkOptions } from './streams/sink.js';
+export { newStats, type CopyStats } from './streams/stats.js';
+export type { Endpoint, Capabilities, ExtentRun, ReadResult as EndpointReadResult, ZeroOptions as EndpointZeroOptions, OpenOptions } from './endpoints/endpoint.js';
+export { openEndpoint, type EndpointSpec } from './endpoints/open.js';
+export { NbdEndpoint, openNbd } from './endpoints/nbd.js';
+export { openFile } from './endpoints/file.js';
+export { openPipe } from './endpoints/pipe.js';
+export { openNull } from './endpoints/null.js';
+export { MemoryEndpoint } from './endpoints/memory.js';
+export { startActivated, type ActivatedServer } from './endpoints/command.js';
 export { NbdClient, type ConnectOptions, type ReadResult, type BlockStatusExtent, type ZeroOptions, type Range } from './nbd/client.js';
 export { parseNbdUri, formatNbdUri, isNbdUri, type NbdAddress } from './nbd/uri.js';
 export * as protocol from './nbd/protocol.js';

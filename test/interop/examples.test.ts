@@ -1,7 +1,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import * as path from 'node:path';
-import { nbdcopyHash, nbdkit, type Server } from '../helpers/servers.js';
+import * as fs from 'node:fs';
+import { nbdcopyHash, nbdkit, sha256, type Server } from '../helpers/servers.js';
 
 const root = path.resolve(__dirname, '../..');
 let servers: Server[] = [];
@@ -30,5 +31,23 @@ describe('examples', () => {
     }
     expect(err?.status).toBe(1);
     expect(err?.stderr.toString()).toBe('read-export: cannot connect to socket /nonexistent/sock: ENOENT\n');
+  });
+});
+
+describe('examples/pipeline', () => {
+  it('pipes an ExtentSource through a custom Transform into a Sink, hashing what nbdcopy hashes', async () => {
+    const s = await nbdkit('sparse-random', ['128M', 'percent=10', 'seed=5'], { readOnly: true });
+    servers.push(s);
+    const dir = fs.mkdtempSync('/tmp/nbdstream-example-');
+    try {
+      const out = path.join(dir, 'out.img');
+      const stdout = execFileSync('node', [path.join(root, 'dist/examples/pipeline.js'), s.uri, out]).toString();
+      const want = nbdcopyHash(s.uri);
+      expect(stdout.split('\n')[0]).toBe(`sha256 ${want}`);
+      expect(stdout.split('\n')[1]).toMatch(/^read \d+ written \d+ zeroed 0 skipped \d+$/);
+      expect(sha256(fs.readFileSync(out))).toBe(want);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
