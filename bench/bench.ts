@@ -33,7 +33,7 @@ interface Run {
 /** Run `sh -c script` under /usr/bin/time inside nbdkit --run; returns the client's time and RSS. */
 function timed(nbdkitArgs: string[], client: string): Run {
   const tf = path.join(dir, 'time.txt');
-  const script = `/usr/bin/time -o ${tf} -f '%e %M %U %S' sh -c '${client.replace(/'/g, `'\\''`)}'`;
+  const script = `export uri; /usr/bin/time -o ${tf} -f '%e %M %U %S' sh -c '${client.replace(/'/g, `'\\''`)}'`;
   const r = spawnSync('nbdkit', ['-U', '-', '--exit-with-parent', ...nbdkitArgs, '--run', script], { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 24 });
   if (r.status !== 0) throw new Error(`benchmark command failed (${client}): ${r.stderr.toString().trim()}`);
   const [e, m, u, s] = fs.readFileSync(tf, 'utf8').trim().split('\n').pop()!.split(' ').map(Number);

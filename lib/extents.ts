@@ -13,6 +13,11 @@ export interface Chunk {
   kind: 'data' | 'zero';
   /** `length` bytes for data chunks. */
   data?: Buffer;
+  /**
+   * Return the chunk's buffer to its pool; called once by whoever consumes the chunk (the
+   * sink after the write completed). Data must not be used afterwards.
+   */
+  release?: () => void;
 }
 
 /** Work range: requests never cross a multiple of this (nbdcopy's THREAD_WORK_SIZE). */

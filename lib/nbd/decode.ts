@@ -150,6 +150,8 @@ const S_CHUNK_REST = 2;
 const S_DATA_PAYLOAD = 3;
 const S_BODY = 4;
 const S_DEAD = 5;
+/** Bytes read at once for a structured reply header: 20-byte chunk header + 8-byte offset. */
+const HEADER_READ = 28;
 
 /**
  * Incremental transmission-phase reply parser.
@@ -196,7 +198,9 @@ export class ReplyDecoder {
   nextBuffer(): Buffer {
     if (this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD) return this.dest!.subarray(this.destPos, this.destEnd);
     if (this.state === S_DEAD) return this.discard;
-    return this.scratch.subarray(this.have, this.need);
+    // With structured replies a header may be read together with what usually follows it
+    // (rest of the chunk header and the OFFSET_DATA offset): one read instead of two.
+    return this.scratch.subarray(this.have, this.state === S_HEADER && this.structured ? HEADER_READ : this.need);
   }
 
   /** `n` bytes were written at the start of the buffer last returned by nextBuffer(). */
@@ -209,12 +213,15 @@ export class ReplyDecoder {
         return;
       case S_DEAD:
         return;
-      default:
+      default: {
         this.have += n;
-        if (this.have === this.need) {
-          this.have = 0;
-          this.unitDone();
-        }
+        if (this.have < this.need) return;
+        // bytes past this unit belong to what comes next: fed on after the state changes
+        const extra = this.have > this.need ? Buffer.from(this.scratch.subarray(this.need, this.have)) : undefined;
+        this.have = 0;
+        this.unitDone();
+        if (extra) this.push(extra);
+      }
     }
   }
 

@@ -14,6 +14,7 @@ import { NbdStreamError } from '../errors.js';
 import { ExtentMap, WORK_RANGE, type Chunk } from '../extents.js';
 import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
+import { BufferPool, countdown } from './buffer-pool.js';
 
 export interface ExtentSourceOptions {
   /** Piece size: power of two, 4 KiB - 32 MiB (default 256 KiB). */
@@ -28,6 +29,7 @@ export interface ExtentSourceOptions {
 }
 
 type Piece = { kind: 'zero' | 'data'; offset: number; length: number };
+type QueueEntry = { bytes: number; chunks: Chunk[] | undefined };
 
 export const DEFAULT_REQUEST_SIZE = 256 * 1024;
 export const DEFAULT_QUEUE_SIZE = 16 * 1024 * 1024;
@@ -45,9 +47,16 @@ export class ExtentSource extends Readable {
   private readonly useExtents: boolean;
   private readonly plan: AsyncGenerator<Piece>;
   private planDone = false;
-  private readonly queue: Array<{ bytes: number; chunks: Promise<Chunk[]> }> = [];
+  /** Reads in offset order; `chunks` is set when the read has completed. */
+  private readonly queue: QueueEntry[] = [];
   private queuedBytes = 0;
+  private planning = false;
+  private flowing = false;
+  private ended = false;
+  private failed = false;
+  private pendingRead: ((err: Error | null) => void) | undefined;
   private streamOffset = 0; // for sources of unknown size
+  private readonly pool: BufferPool;
 
   constructor(src: Endpoint, options: ExtentSourceOptions = {}) {
     const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
@@ -59,6 +68,7 @@ export class ExtentSource extends Readable {
     this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
     this.stats = options.stats ?? newStats();
     this.plan = src.size === undefined ? this.planStream() : this.planRanges(src.size);
+    this.pool = new BufferPool(this.requestSize);
   }
 
   /** Pieces of a source of known size, by work range. */
@@ -115,18 +125,27 @@ export class ExtentSource extends Readable {
   private async readPiece(p: Piece): Promise<Chunk[]> {
     if (p.kind === 'zero') return [{ offset: p.offset, length: p.length, kind: 'zero' }];
     const stats = this.stats;
-    const r = await this.src.read(p.offset, p.length);
+    const buf = this.pool.get();
+    let r;
+    try {
+      r = await this.src.read(p.offset, p.length, buf);
+    } catch (err) {
+      this.pool.put(buf);
+      throw err;
+    }
+    const release = () => this.pool.put(buf);
     stats.requests.read++;
     const length = r.data.length;
     if (this.src.size === undefined) {
       this.streamOffset += length;
       if (length < p.length) this.planDone = true;
-      if (length === 0) return [];
+      if (length === 0) return (release(), []);
     } else if (length !== p.length) {
+      release();
       throw new NbdStreamError('ERR_IO', `short read: ${length} of ${p.length} bytes`, { endpoint: this.src.name, offset: p.offset });
     }
     stats.bytesRead += length;
-    if (!r.zeroes?.length) return [{ offset: p.offset, length, kind: 'data', data: r.data }];
+    if (!r.zeroes?.length) return [{ offset: p.offset, length, kind: 'data', data: r.data, release }];
     // split around the ranges the server sent as holes
     const out: Chunk[] = [];
     let pos = p.offset;
@@ -143,42 +162,87 @@ export class ExtentSource extends Readable {
       }
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
+    const data = out.filter((c) => c.kind === 'data');
+    if (!data.length) release();
+    else {
+      const r1 = countdown(data.length, release);
+      for (const c of data) c.release = r1;
+    }
     return out;
   }
 
-  /** Start reads until the limits are reached or the plan ends. */
-  private async fill(): Promise<void> {
-    while (!this.planDone && this.queue.length < this.maxRequests && (this.queuedBytes < this.queueSize || this.queue.length === 0)) {
-      if (this.src.size === undefined && this.queue.length) return; // streams: one read at a time
-      const n = await this.plan.next();
-      if (n.done) {
-        this.planDone = true;
-        return;
-      }
-      const bytes = n.value.kind === 'data' ? n.value.length : 0;
-      const chunks = this.readPiece(n.value);
-      chunks.catch(() => undefined); // observed when dequeued
-      this.queue.push({ bytes, chunks });
-      this.queuedBytes += bytes;
+  /**
+   * Start reads while under the limits. Runs whenever a read completes or the consumer asks
+   * for more, so the server always has work even when replies complete out of order.
+   */
+  private pump(): void {
+    while (!this.planDone && !this.planning && !this.failed && this.queue.length < this.maxRequests && (this.queuedBytes < this.queueSize || this.queue.length === 0)) {
+      this.planning = true;
+      this.plan.next().then(
+        (n) => {
+          this.planning = false;
+          if (n.done) this.planDone = true;
+          else this.start(n.value);
+          this.drain();
+          this.pump();
+        },
+        (err: Error) => this.fail(err),
+      );
+      // plan.next() settles asynchronously: the loop continues from its callback
+      return;
     }
   }
 
-  override _read(cb: (err: Error | null) => void): void {
-    void (async () => {
-      await this.fill();
-      const head = this.queue.shift();
-      if (!head) {
-        this.push(null);
-        return;
-      }
-      this.queuedBytes -= head.bytes;
-      const chunks = await head.chunks;
-      for (const c of chunks) this.push(c);
-      if (!chunks.length && this.planDone && !this.queue.length) this.push(null);
-    })().then(
-      () => cb(null),
-      (err) => cb(err),
+  private start(p: Piece): void {
+    const entry: QueueEntry = { bytes: p.kind === 'data' ? p.length : 0, chunks: undefined };
+    this.queue.push(entry);
+    this.queuedBytes += entry.bytes;
+    this.readPiece(p).then(
+      (chunks) => {
+        entry.chunks = chunks;
+        this.drain();
+        this.pump();
+      },
+      (err: Error) => this.fail(err),
     );
+  }
+
+  /** Push completed reads in order while the consumer accepts them; end after the last. */
+  private drain(): void {
+    if (this.failed) return;
+    while (this.flowing && this.queue.length && this.queue[0].chunks) {
+      const head = this.queue.shift()!;
+      this.queuedBytes -= head.bytes;
+      for (const c of head.chunks!) if (!this.push(c)) this.flowing = false;
+      this.answer();
+    }
+    if (this.planDone && !this.planning && !this.queue.length && !this.ended) {
+      this.ended = true;
+      this.push(null);
+      this.answer();
+    }
+  }
+
+  private answer(): void {
+    const cb = this.pendingRead;
+    this.pendingRead = undefined;
+    cb?.(null);
+  }
+
+  private fail(err: Error): void {
+    if (this.failed) return;
+    this.failed = true;
+    const cb = this.pendingRead;
+    this.pendingRead = undefined;
+    if (cb) cb(err);
+    else this.destroy(err);
+  }
+
+  override _read(cb: (err: Error | null) => void): void {
+    this.pendingRead = cb;
+    this.flowing = true;
+    this.drain();
+    this.pump();
   }
 
   override _destroy(cb: (err: Error | null) => void): void {

@@ -80,12 +80,14 @@ export class Sink extends Writable {
     this.inFlightBytes += bytes;
     op.then(
       () => {
+        c.release?.();
         this.inFlight--;
         this.inFlightBytes -= bytes;
         this.progress(c.length);
         this.release();
       },
       (err: Error) => {
+        c.release?.();
         this.inFlight--;
         this.inFlightBytes -= bytes;
         this.failure ??= err;

@@ -7,6 +7,7 @@
 import { Transform } from 'streamx';
 import type { Chunk } from '../extents.js';
 import { chunkBytes } from './extent-source.js';
+import { countdown } from './buffer-pool.js';
 
 let zeroes = Buffer.alloc(0);
 
@@ -48,6 +49,14 @@ export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
     b = next;
   }
   emit(end);
+  if (c.release) {
+    const data = out.filter((x) => x.kind === 'data');
+    if (!data.length) c.release();
+    else {
+      const r = countdown(data.length, c.release);
+      for (const x of data) x.release = r;
+    }
+  }
   return out;
 }
 
