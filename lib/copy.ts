@@ -70,7 +70,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     if (!isEndpoint(dst)) opened.push(d);
     if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });
     if (s.size !== undefined && d.size !== undefined && d.size < s.size)
-      throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is too small: ${d.size} bytes, source is ${s.size} bytes`, { endpoint: d.name });
+      throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${d.size} < ${s.size} bytes)`, { endpoint: d.name });
     options.onOpen?.(s, d);
 
     const stats = newStats();

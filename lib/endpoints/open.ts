@@ -8,11 +8,7 @@ import { promisify } from 'node:util';
 import { NbdStreamError } from '../errors.js';
 import { isNbdUri } from '../nbd/uri.js';
 import type { Endpoint, OpenMode, OpenOptions } from './endpoint.js';
-import { startActivated } from './command.js';
-import { openFile } from './file.js';
-import { openNbd } from './nbd.js';
-import { openNull } from './null.js';
-import { openPipe } from './pipe.js';
+// Endpoint kinds are loaded when used: a copy pays start-up time only for the kinds it opens.
 
 /** A URI, path, "-", "null:", or the argv of a server command to socket-activate. */
 export type EndpointSpec = string | string[];
@@ -24,6 +20,7 @@ export function describeSpec(spec: EndpointSpec): string {
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
   if (Array.isArray(spec)) {
     const name = describeSpec(spec);
+    const [{ startActivated }, { openNbd }] = await Promise.all([import('./command.js'), import('./nbd.js')]);
     const server = await startActivated(spec, { name });
     try {
       return await openNbd(server.uri, opts, name, () => server.stop());
@@ -32,13 +29,16 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
       throw err;
     }
   }
-  if (isNbdUri(spec)) return openNbd(spec, opts);
+  if (isNbdUri(spec)) return (await import('./nbd.js')).openNbd(spec, opts);
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
   if (spec === 'null:') {
-    if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination', { endpoint: spec });
-    return openNull();
+    if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination, not a source');
+    return (await import('./null.js')).openNull();
   }
-  if (spec === '-') return mode === 'source' ? openPipe(0, '-', 'source') : openPipe(1, '-', 'target');
+  if (spec === '-') {
+    const { openPipe } = await import('./pipe.js');
+    return mode === 'source' ? openPipe(0, '-', 'source') : openPipe(1, '-', 'target');
+  }
   let st: fs.Stats | undefined;
   try {
     st = fs.statSync(spec);
@@ -48,7 +48,7 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
   if (st && (st.isFIFO() || st.isCharacterDevice() || st.isSocket())) {
     // async open: opening a FIFO waits for its other end, which must not block the event loop
     const fd = await promisify(fs.open)(spec, mode === 'source' ? 'r' : 'w');
-    return openPipe(fd, spec, mode);
+    return (await import('./pipe.js')).openPipe(fd, spec, mode);
   }
-  return openFile(spec, mode, opts);
+  return (await import('./file.js')).openFile(spec, mode, opts);
 }

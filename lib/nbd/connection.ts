@@ -7,13 +7,11 @@
  * pending request and closes the connection.
  */
 import * as net from 'node:net';
-import * as tls from 'node:tls';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
 import { encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
-import { describeTlsCredentials, tlsConnectOptions } from './tls.js';
 import type { NbdAddress } from './uri.js';
 import {
   NBD_CMD_BLOCK_STATUS,
@@ -131,6 +129,7 @@ export class NbdConnection implements ReplyHandler {
     // secureConnect. Until the first byte arrives over TLS, a lost connection is a TLS refusal
     // (as it already is under TLS 1.2), not a connection error.
     let tlsUp = false;
+    let describeTlsCredentials = (_a: NbdAddress) => '';
     let heardOverTls = false;
     this.info = await clientHandshake(
       {
@@ -140,7 +139,10 @@ export class NbdConnection implements ReplyHandler {
         },
         startTls: async () => {
           raw.removeListener('data', onData);
-          const options = tlsConnectOptions(addr);
+          // TLS code is loaded only for TLS connections (it costs start-up time)
+          const [tls, tlsOptions] = await Promise.all([import('node:tls'), import('./tls.js')]);
+          describeTlsCredentials = tlsOptions.describeTlsCredentials;
+          const options = tlsOptions.tlsConnectOptions(addr);
           const ts = tls.connect({ ...options, socket: raw });
           await new Promise<void>((resolve, reject) => {
             ts.once('secureConnect', resolve);

@@ -23,6 +23,11 @@ export interface ExtentSourceOptions {
   requests?: number;
   /** Bytes of reads in flight (default 16 MiB). */
   queueSize?: number;
+  /**
+   * Largest read (default 2 MiB): consecutive data pieces are fetched in one request of up to
+   * this size and still emitted, and written, piece by piece.
+   */
+  readSize?: number;
   /** Use extent information (default true); false reads everything (--no-extents). */
   extents?: boolean;
   stats?: CopyStats;
@@ -33,6 +38,7 @@ type QueueEntry = { bytes: number; chunks: Chunk[] | undefined };
 
 export const DEFAULT_REQUEST_SIZE = 256 * 1024;
 export const DEFAULT_QUEUE_SIZE = 16 * 1024 * 1024;
+export const DEFAULT_READ_SIZE = 2 * 1024 * 1024;
 
 export function chunkBytes(c: Chunk): number {
   return c.kind === 'data' ? c.length : 64;
@@ -42,6 +48,8 @@ export class ExtentSource extends Readable {
   readonly stats: CopyStats;
   private readonly src: Endpoint;
   private readonly requestSize: number;
+  /** Largest read: several consecutive data pieces go in one request (fewer round trips). */
+  private readonly readSize: number;
   private readonly maxRequests: number;
   private readonly queueSize: number;
   private readonly useExtents: boolean;
@@ -68,7 +76,8 @@ export class ExtentSource extends Readable {
     this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
     this.stats = options.stats ?? newStats();
     this.plan = src.size === undefined ? this.planStream() : this.planRanges(src.size);
-    this.pool = new BufferPool(this.requestSize);
+    this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? DEFAULT_READ_SIZE, src.capabilities.maxRequest, this.queueSize));
+    this.pool = new BufferPool(this.readSize);
   }
 
   /** Pieces of a source of known size, by work range. */
@@ -89,6 +98,8 @@ export class ExtentSource extends Readable {
       }
       let zeroStart = -1;
       let zeroEnd = -1;
+      let dataStart = -1;
+      let dataEnd = -1;
       let ri = 0;
       for (let p = ws; p < we; ) {
         const pe = Math.min(p + rs, we);
@@ -96,6 +107,10 @@ export class ExtentSource extends Readable {
         const r = runs[ri];
         if (r.zero && r.offset + r.length >= pe) {
           // every whole piece inside this zero run joins the pending zero run
+          if (dataStart >= 0) {
+            yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
+            dataStart = -1;
+          }
           const zEnd = r.offset + r.length;
           const last = zEnd >= we ? we : ws + Math.floor((zEnd - ws) / rs) * rs;
           if (zeroStart < 0) zeroStart = p;
@@ -107,9 +122,16 @@ export class ExtentSource extends Readable {
           yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
           zeroStart = -1;
         }
-        yield { kind: 'data', offset: p, length: pe - p };
+        // consecutive data pieces are read together (up to readSize), then emitted piece by piece
+        if (dataStart < 0) dataStart = p;
+        dataEnd = pe;
+        if (dataEnd - dataStart >= this.readSize) {
+          yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
+          dataStart = -1;
+        }
         p = pe;
       }
+      if (dataStart >= 0) yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
       if (zeroStart >= 0) yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
     }
   }
@@ -145,7 +167,7 @@ export class ExtentSource extends Readable {
       throw new NbdStreamError('ERR_IO', `short read: ${length} of ${p.length} bytes`, { endpoint: this.src.name, offset: p.offset });
     }
     stats.bytesRead += length;
-    if (!r.zeroes?.length) return [{ offset: p.offset, length, kind: 'data', data: r.data, release }];
+    if (!r.zeroes?.length) return this.pieces([{ offset: p.offset, length, kind: 'data', data: r.data }], release);
     // split around the ranges the server sent as holes
     const out: Chunk[] = [];
     let pos = p.offset;
@@ -162,11 +184,32 @@ export class ExtentSource extends Readable {
       }
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
+    return this.pieces(out, release);
+  }
+
+  /**
+   * Cut data chunks at request-size boundaries (a piece is what gets written in one request)
+   * and share the read buffer's release among them.
+   */
+  private pieces(chunks: Chunk[], release: () => void): Chunk[] {
+    const rs = this.requestSize;
+    const out: Chunk[] = [];
+    for (const c of chunks) {
+      if (c.kind !== 'data' || c.length <= rs - (c.offset % rs)) {
+        out.push(c);
+        continue;
+      }
+      for (let o = c.offset, end = c.offset + c.length; o < end; ) {
+        const e = Math.min(end, o - (o % rs) + rs);
+        out.push({ offset: o, length: e - o, kind: 'data', data: c.data!.subarray(o - c.offset, e - c.offset) });
+        o = e;
+      }
+    }
     const data = out.filter((c) => c.kind === 'data');
     if (!data.length) release();
     else {
-      const r1 = countdown(data.length, release);
-      for (const c of data) c.release = r1;
+      const shared = data.length === 1 ? release : countdown(data.length, release);
+      for (const c of data) c.release = shared;
     }
     return out;
   }

@@ -91,7 +91,9 @@ export class Sink extends Writable {
         this.inFlight--;
         this.inFlightBytes -= bytes;
         this.failure ??= err;
-        if (this.blocked) this.release();
+        // A pending _write or _final callback must be answered: streamx waits for it before it
+        // destroys the stream, so destroy() alone would hang when _final is waiting for idle.
+        if (this.blocked || this.idle) this.release();
         else this.destroy(this.failure);
       },
     );
