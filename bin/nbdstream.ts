@@ -34,6 +34,20 @@ function parseCount(name: string, v: unknown, min: number): number {
   return n;
 }
 
+/** yargs' "Unknown arguments: frob-nicate, frobNicate, x" as the user spelled them: "unknown option: --frob-nicate, -x". */
+function unknownOptions(list: string, args: string[]): string {
+  const end = args.indexOf('--');
+  const opts = end < 0 ? args : args.slice(0, end);
+  const spelled = new Set<string>();
+  for (const n of list.split(', ')) {
+    if (n.length === 1) spelled.add(`-${n}`);
+    // camel-case aliases yargs adds (frobNicate for --frob-nicate) match nothing and are dropped
+    else if (opts.some((a) => a === `--${n}` || a.startsWith(`--${n}=`))) spelled.add(`--${n}`);
+  }
+  if (!spelled.size) spelled.add(list);
+  return `unknown option${spelled.size > 1 ? 's' : ''}: ${[...spelled].join(', ')}`;
+}
+
 function capabilityLine(ep: Endpoint): string {
   const c = ep.capabilities;
   const flags = Object.entries(c)
@@ -94,7 +108,9 @@ async function main(): Promise<void> {
     .strictOptions()
     .wrap(Math.min(100, process.stdout.columns || 100))
     .fail((msg, err) => {
-      fail(err ? err.message : msg.replace(/\n.*/s, ''));
+      if (err) fail(err.message);
+      const unknown = /^Unknown arguments?: (.*)/.exec(msg);
+      fail(unknown ? unknownOptions(unknown[1], flat) : msg.replace(/\n.*/s, ''));
     })
     .parseAsync();
 
