@@ -77,6 +77,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     const source = new ExtentSource(s, { requestSize, requests, queueSize, extents: !options.noExtents, stats });
     const total = s.size;
     const sink = new Sink(d, {
+      requestSize,
       requests,
       queueSize,
       allocated,

@@ -25,7 +25,7 @@ export interface ExtentSourceOptions {
   queueSize?: number;
   /**
    * Largest read (default 2 MiB): consecutive data pieces are fetched in one request of up to
-   * this size and still emitted, and written, piece by piece.
+   * this size and emitted as one chunk (the sink still writes them piece by piece).
    */
   readSize?: number;
   /** Use extent information (default true); false reads everything (--no-extents). */
@@ -122,7 +122,7 @@ export class ExtentSource extends Readable {
           yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
           zeroStart = -1;
         }
-        // consecutive data pieces are read together (up to readSize), then emitted piece by piece
+        // consecutive data pieces are read together (up to readSize); the sink writes them piece by piece
         if (dataStart < 0) dataStart = p;
         dataEnd = pe;
         if (dataEnd - dataStart >= this.readSize) {
@@ -167,7 +167,7 @@ export class ExtentSource extends Readable {
       throw new NbdStreamError('ERR_IO', `short read: ${length} of ${p.length} bytes`, { endpoint: this.src.name, offset: p.offset });
     }
     stats.bytesRead += length;
-    if (!r.zeroes?.length) return this.pieces([{ offset: p.offset, length, kind: 'data', data: r.data }], release);
+    if (!r.zeroes?.length) return [{ offset: p.offset, length, kind: 'data', data: r.data, release }];
     // split around the ranges the server sent as holes
     const out: Chunk[] = [];
     let pos = p.offset;
@@ -184,27 +184,6 @@ export class ExtentSource extends Readable {
       }
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
-    return this.pieces(out, release);
-  }
-
-  /**
-   * Cut data chunks at request-size boundaries (a piece is what gets written in one request)
-   * and share the read buffer's release among them.
-   */
-  private pieces(chunks: Chunk[], release: () => void): Chunk[] {
-    const rs = this.requestSize;
-    const out: Chunk[] = [];
-    for (const c of chunks) {
-      if (c.kind !== 'data' || c.length <= rs - (c.offset % rs)) {
-        out.push(c);
-        continue;
-      }
-      for (let o = c.offset, end = c.offset + c.length; o < end; ) {
-        const e = Math.min(end, o - (o % rs) + rs);
-        out.push({ offset: o, length: e - o, kind: 'data', data: c.data!.subarray(o - c.offset, e - c.offset) });
-        o = e;
-      }
-    }
     const data = out.filter((c) => c.kind === 'data');
     if (!data.length) release();
     else {

@@ -10,6 +10,8 @@ import type { Endpoint } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
 
 export interface SinkOptions {
+  /** Data is written in requests that do not cross multiples of this (default 256 KiB). */
+  requestSize?: number;
   /** Requests in flight (default 64). */
   requests?: number;
   /** Bytes of writes in flight (default 16 MiB). */
@@ -29,6 +31,7 @@ export class Sink extends Writable {
   readonly stats: CopyStats;
   private readonly dst: Endpoint;
   private readonly maxRequests: number;
+  private readonly requestSize: number;
   private readonly queueSize: number;
   private readonly allocated: boolean;
   private readonly skipZeroes: boolean;
@@ -47,6 +50,7 @@ export class Sink extends Writable {
     this.dst = dst;
     this.maxRequests = dst.capabilities.seekable ? Math.max(1, options.requests ?? 64) : 16;
     this.queueSize = queueSize;
+    this.requestSize = options.requestSize ?? 256 * 1024;
     this.allocated = options.allocated ?? false;
     this.skipZeroes = (options.destinationIsZero ?? false) || dst.capabilities.isZeroInitialised;
     this.doFlush = options.flush ?? false;
@@ -62,8 +66,7 @@ export class Sink extends Writable {
     let bytes = 0;
     if (c.kind === 'data') {
       bytes = c.length;
-      stats.requests.write++;
-      op = this.dst.write(c.offset, c.data!).then(() => {
+      op = this.writePieces(c).then(() => {
         stats.bytesWritten += c.length;
       });
     } else if (this.skipZeroes) {
@@ -99,6 +102,24 @@ export class Sink extends Writable {
     );
     if (this.inFlight < this.maxRequests && this.inFlightBytes < this.queueSize) cb(null);
     else this.blocked = cb;
+  }
+
+  /** Write a data chunk as one request per request-size piece it touches. */
+  private writePieces(c: Chunk): Promise<unknown> {
+    const rs = this.requestSize;
+    const first = rs - (c.offset % rs);
+    if (c.length <= first) {
+      this.stats.requests.write++;
+      return this.dst.write(c.offset, c.data!);
+    }
+    const writes: Promise<void>[] = [];
+    for (let o = c.offset, end = c.offset + c.length; o < end; ) {
+      const e = Math.min(end, o - (o % rs) + rs);
+      writes.push(this.dst.write(o, c.data!.subarray(o - c.offset, e - c.offset)));
+      o = e;
+    }
+    this.stats.requests.write += writes.length;
+    return Promise.all(writes);
   }
 
   private progress(n: number): void {

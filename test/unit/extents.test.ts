@@ -104,9 +104,10 @@ describe('ExtentSource piece planning', () => {
     ]);
     expect(ep.log.filter((l) => l.startsWith('extents'))).toEqual([`extents 0+${size}`]);
   });
-  it('reads everything with extents off, in request-size pieces', async () => {
-    const ep = new MemoryEndpoint(Buffer.alloc(MiB + 1), 'm', [{ offset: 0, length: MiB + 1 }]);
-    expect(await chunks(ep, { requestSize: 262144, extents: false })).toEqual(['data 0+262144', 'data 262144+262144', 'data 524288+262144', 'data 786432+262144', 'data 1048576+1']);
+  it('reads everything with extents off, consecutive pieces together up to the read size', async () => {
+    const ep = new MemoryEndpoint(Buffer.alloc(3 * MiB + 1), 'm', [{ offset: 0, length: 3 * MiB + 1 }]);
+    expect(await chunks(ep, { requestSize: 262144, extents: false, readSize: MiB })).toEqual(['data 0+1048576', 'data 1048576+1048576', 'data 2097152+1048576', 'data 3145728+1']);
+    expect(ep.log).toEqual(['read 0+1048576', 'read 1048576+1048576', 'read 2097152+1048576', 'read 3145728+1']);
   });
   it('fails on a read error instead of producing zeroes', async () => {
     const ep = new MemoryEndpoint(Buffer.alloc(MiB), 'm');
