@@ -191,7 +191,14 @@ async function main(): Promise<void> {
   }
 }
 
-main().then(
-  () => process.exit(0),
+/**
+ * Subcommands live in their own files (bin/<name>.ts exporting `run(args): Promise<number>`,
+ * which resolves with the exit status); anything else is a copy.
+ */
+const SUBCOMMANDS: Record<string, () => Promise<{ run(args: string[]): Promise<number> }>> = {};
+
+const sub = SUBCOMMANDS[process.argv[2]];
+(sub ? sub().then((m) => m.run(process.argv.slice(3))) : main().then(() => 0)).then(
+  (status) => process.exit(status),
   (err) => fail(err instanceof NbdStreamError ? err.describe() : (err as Error)?.message ?? String(err)),
 );
