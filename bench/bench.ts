@@ -58,7 +58,7 @@ const cases: Case[] = [
     name: 'read-export 2G dense (example) vs nbdcopy → null:',
     server: ['file', dense],
     bytes: 2 * GiB,
-    nbdstream: `node ${readExample} "$uri" 1048576 16 4`,
+    nbdstream: `node ${readExample} "$uri" 2097152 8 4`,
     nbdcopy: 'nbdcopy "$uri" null:',
   },
   {

@@ -81,6 +81,10 @@ export interface OpenOptions {
   requests?: number;
   /** NBD: bytes in flight per connection. */
   queueSize?: number;
+  /** NBD: seconds a request may wait for its reply (default: no limit). */
+  timeout?: number;
+  /** NBD: reconnect and resend a request up to this many times after a lost connection. */
+  retries?: number;
 }
 
 const ZERO_BUFFER_SIZE = 1024 * 1024;

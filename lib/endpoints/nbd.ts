@@ -73,6 +73,8 @@ export async function openNbd(uri: string, opts: OpenOptions = {}, name?: string
     connections: opts.connections ?? 4,
     maxRequests: opts.requests ?? 64,
     maxBytesInFlight: opts.queueSize,
+    timeout: opts.timeout,
+    retries: opts.retries,
     endpoint: name,
   });
   return new NbdEndpoint(client, name, onClose);

@@ -4,7 +4,7 @@
  * that violate its minimum block size or fall outside the export are refused before sending.
  */
 import { NbdStreamError } from '../errors.js';
-import { NbdConnection, type Range } from './connection.js';
+import { NbdConnection, type ConnectionOptions, type Range } from './connection.js';
 import type { BlockSizeConstraints } from './handshake.js';
 import {
   NBD_CMD_BLOCK_STATUS,
@@ -45,6 +45,14 @@ export interface ConnectOptions {
   maxBytesInFlight?: number;
   /** Name used in errors (default: the URI). */
   endpoint?: string;
+  /** Seconds a request may wait for its reply before the connection is failed (default: none). */
+  timeout?: number;
+  /**
+   * On a lost or timed-out connection, reconnect and resend the affected request, up to this
+   * many times per request (default 0). Reads, writes, zeroes, block status and flush are all
+   * idempotent, so resending is safe.
+   */
+  retries?: number;
 }
 
 export interface ReadResult {
@@ -74,10 +82,62 @@ export class NbdClient {
   private readonly conns: NbdConnection[];
   private next = 0;
 
-  private constructor(address: NbdAddress, endpoint: string, conns: NbdConnection[]) {
+  private readonly reconnecting = new Map<NbdConnection, Promise<void>>();
+  /** Reconnections made after lost connections (for --retries). */
+  reconnects = 0;
+
+  private constructor(
+    address: NbdAddress,
+    endpoint: string,
+    conns: NbdConnection[],
+    private readonly copts: ConnectionOptions,
+    private readonly retries: number,
+  ) {
     this.address = address;
     this.endpoint = endpoint;
     this.conns = conns;
+  }
+
+  /**
+   * Send one request on the least busy connection. With retries, a request that fails because
+   * its connection was lost or timed out is sent again on a fresh connection.
+   */
+  private async send(type: number, flags: number, offset: number, length: number, payload?: Buffer, dest?: Buffer, contextId = 0) {
+    for (let attempt = 0; ; attempt++) {
+      const c = this.conn();
+      try {
+        return await c.request(type, flags, offset, length, payload, dest, contextId);
+      } catch (err) {
+        const code = (err as NbdStreamError).code;
+        if (attempt >= this.retries || !(code === 'ERR_CLOSED' || code === 'ERR_CONNECT' || code === 'ERR_TIMEOUT') || this.closing) throw err;
+        try {
+          await this.replace(c, attempt);
+        } catch (reconnectError) {
+          // the server may not be back yet: that costs this attempt; the last one reports it
+          if (attempt + 1 >= this.retries) throw reconnectError;
+        }
+      }
+    }
+  }
+
+  /** Replace a failed connection with a new one (once, however many requests ask). */
+  private replace(dead: NbdConnection, attempt: number): Promise<void> {
+    if (!this.conns.includes(dead)) return Promise.resolve();
+    let p = this.reconnecting.get(dead);
+    if (!p) {
+      p = (async () => {
+        await new Promise((r) => setTimeout(r, Math.min(1000, 50 * 2 ** attempt)));
+        const fresh = await NbdConnection.open(this.address, this.copts);
+        if (fresh.info.size !== dead.info.size) {
+          await fresh.close();
+          throw new NbdStreamError('ERR_PROTOCOL', `export size changed across reconnection (${dead.info.size} -> ${fresh.info.size})`, { endpoint: this.endpoint });
+        }
+        this.conns[this.conns.indexOf(dead)] = fresh;
+        this.reconnects++;
+      })().finally(() => this.reconnecting.delete(dead));
+      this.reconnecting.set(dead, p);
+    }
+    return p;
   }
 
   /** Connect to an NBD URI (or a parsed address) and negotiate. */
@@ -86,6 +146,7 @@ export class NbdClient {
     const endpoint = options.endpoint ?? (typeof target === 'string' ? target : formatNbdUri(address));
     const copts = {
       endpoint,
+      timeout: options.timeout ? options.timeout * 1000 : 0,
       structuredReplies: options.structuredReplies ?? true,
       metaContexts: options.metaContexts ?? ['base:allocation'],
       maxRequests: options.maxRequests ?? 64,
@@ -105,7 +166,7 @@ export class NbdClient {
         throw new NbdStreamError('ERR_PROTOCOL', 'connections to the same export disagree on its size or flags', { endpoint });
       }
     }
-    return new NbdClient(address, endpoint, conns);
+    return new NbdClient(address, endpoint, conns, copts, options.retries ?? 0);
   }
 
   get size(): number {
@@ -160,13 +221,16 @@ export class NbdClient {
     return Math.min(this.blockSize.maximum, 32 * 1024 * 1024 * 2);
   }
 
-  /** The least busy connection. */
+  /** The least busy working connection (a failed one only if all have failed). */
   private conn(): NbdConnection {
     const cs = this.conns;
     if (cs.length === 1) return cs[0];
     let best = cs[this.next];
     this.next = (this.next + 1) % cs.length;
-    for (const c of cs) if (c.bytesInFlight < best.bytesInFlight || (c.bytesInFlight === best.bytesInFlight && c.requestsInFlight < best.requestsInFlight)) best = c;
+    for (const c of cs) {
+      if (c.error) continue;
+      if (best.error || c.bytesInFlight < best.bytesInFlight || (c.bytesInFlight === best.bytesInFlight && c.requestsInFlight < best.requestsInFlight)) best = c;
+    }
     return best;
   }
 
@@ -206,11 +270,11 @@ export class NbdClient {
     if (length === 0) return { data, holes: [] };
     const max = this.maxPayload;
     if (length <= max) {
-      const r = await this.conn().request(NBD_CMD_READ, 0, offset, length, undefined, data);
+      const r = await this.send(NBD_CMD_READ, 0, offset, length, undefined, data);
       return { data, holes: r.holes ?? [] };
     }
     const rs = await Promise.all(
-      NbdClient.pieces(offset, length, max).map((p) => this.conn().request(NBD_CMD_READ, 0, p.offset, p.length, undefined, data.subarray(p.offset - offset, p.offset - offset + p.length))),
+      NbdClient.pieces(offset, length, max).map((p) => this.send(NBD_CMD_READ, 0, p.offset, p.length, undefined, data.subarray(p.offset - offset, p.offset - offset + p.length))),
     );
     return { data, holes: rs.flatMap((r) => r.holes ?? []) };
   }
@@ -222,11 +286,11 @@ export class NbdClient {
     const flags = this.fuaFlag(options.fua);
     const max = this.maxPayload;
     if (data.length <= max) {
-      await this.conn().request(NBD_CMD_WRITE, flags, offset, data.length, data);
+      await this.send(NBD_CMD_WRITE, flags, offset, data.length, data);
       return;
     }
     await Promise.all(
-      NbdClient.pieces(offset, data.length, max).map((p) => this.conn().request(NBD_CMD_WRITE, flags, p.offset, p.length, data.subarray(p.offset - offset, p.offset - offset + p.length))),
+      NbdClient.pieces(offset, data.length, max).map((p) => this.send(NBD_CMD_WRITE, flags, p.offset, p.length, data.subarray(p.offset - offset, p.offset - offset + p.length))),
     );
   }
 
@@ -248,7 +312,7 @@ export class NbdClient {
     if (!this.canZero) throw this.unsupported('NBD_CMD_WRITE_ZEROES', offset);
     if (options.fastZero && !this.canFastZero) throw this.unsupported('NBD_CMD_FLAG_FAST_ZERO', offset);
     const flags = (options.noHole ? NBD_CMD_FLAG_NO_HOLE : 0) | (options.fastZero ? NBD_CMD_FLAG_FAST_ZERO : 0) | this.fuaFlag(options.fua);
-    await Promise.all(NbdClient.pieces(offset, length, this.maxLength).map((p) => this.conn().request(NBD_CMD_WRITE_ZEROES, flags, p.offset, p.length)));
+    await Promise.all(NbdClient.pieces(offset, length, this.maxLength).map((p) => this.send(NBD_CMD_WRITE_ZEROES, flags, p.offset, p.length)));
   }
 
   /** NBD_CMD_TRIM (contents afterwards are unspecified). */
@@ -256,7 +320,7 @@ export class NbdClient {
     this.check(NBD_CMD_TRIM, offset, length, true);
     if (!this.canTrim) throw this.unsupported('NBD_CMD_TRIM', offset);
     const flags = this.fuaFlag(options.fua);
-    await Promise.all(NbdClient.pieces(offset, length, this.maxLength).map((p) => this.conn().request(NBD_CMD_TRIM, flags, p.offset, p.length)));
+    await Promise.all(NbdClient.pieces(offset, length, this.maxLength).map((p) => this.send(NBD_CMD_TRIM, flags, p.offset, p.length)));
   }
 
   /**
@@ -265,7 +329,7 @@ export class NbdClient {
    */
   async flush(): Promise<void> {
     if (!this.canFlush) throw this.unsupported('NBD_CMD_FLUSH');
-    await this.conns[0].request(NBD_CMD_FLUSH, 0, 0, 0);
+    await this.send(NBD_CMD_FLUSH, 0, 0, 0);
   }
 
   /**
@@ -278,7 +342,7 @@ export class NbdClient {
     if (id === undefined) throw this.unsupported(`meta context ${context}`, offset);
     this.check(NBD_CMD_BLOCK_STATUS, offset, length, false);
     const len = Math.min(length, this.maxLength);
-    const r = await this.conn().request(NBD_CMD_BLOCK_STATUS, 0, offset, len, undefined, undefined, id);
+    const r = await this.send(NBD_CMD_BLOCK_STATUS, 0, offset, len, undefined, undefined, id);
     const out: BlockStatusExtent[] = [];
     let o = offset;
     for (const e of r.extents!) {
@@ -290,8 +354,12 @@ export class NbdClient {
     return out;
   }
 
+  private closing = false;
+
   /** Wait for all replies, disconnect every connection. */
   async close(): Promise<void> {
+    this.closing = true;
+    await Promise.allSettled([...this.reconnecting.values()]);
     await Promise.all(this.conns.map((c) => c.close()));
   }
 }

@@ -31,6 +31,8 @@ export interface ConnectionOptions {
   metaContexts: string[];
   maxRequests: number;
   maxBytesInFlight: number;
+  /** Milliseconds a request (or the handshake) may wait for its reply; 0 = no limit. */
+  timeout?: number;
 }
 
 export interface Range {
@@ -40,6 +42,8 @@ export interface Range {
 
 /** A request in flight. */
 class Request implements PendingRequest {
+  /** Date.now() when sent (for --timeout). */
+  sent = 0;
   holes: Range[] | undefined;
   covered = 0;
   error: NbdStreamError | undefined;
@@ -88,13 +92,43 @@ export class NbdConnection implements ReplyHandler {
   /** Connect and negotiate. Rejects with a coded error naming the endpoint. */
   static async open(addr: NbdAddress, opts: ConnectionOptions): Promise<NbdConnection> {
     const c = new NbdConnection(opts);
+    let timer: NodeJS.Timeout | undefined;
     try {
-      await c.connect(addr);
+      const connected = c.connect(addr);
+      if (opts.timeout) {
+        const t = opts.timeout;
+        await Promise.race([
+          connected,
+          new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new NbdStreamError('ERR_TIMEOUT', `no answer to the handshake within ${t / 1000} s`)), t);
+          }),
+        ]);
+        c.watchTimeouts(t);
+      } else await connected;
       return c;
     } catch (err) {
       c.socket?.destroy();
       throw asNbdStreamError(err, 'ERR_CONNECT', opts.endpoint);
+    } finally {
+      clearTimeout(timer);
     }
+  }
+
+  private timeoutTimer: NodeJS.Timeout | undefined;
+
+  /**
+   * Fail the connection when its oldest pending request has waited longer than `ms` (one timer
+   * per connection, not one per request; the pending map is in sending order).
+   */
+  private watchTimeouts(ms: number): void {
+    this.timeoutTimer = setInterval(() => {
+      const oldest = this.pending.values().next();
+      if (oldest.done) return;
+      const r = oldest.value;
+      if (Date.now() - r.sent > ms)
+        this.lost(new NbdStreamError('ERR_TIMEOUT', `${commandName(r.type)} got no reply within ${ms / 1000} s`, { offset: r.offset }));
+    }, Math.max(10, Math.min(1000, ms / 4)));
+    this.timeoutTimer.unref();
   }
 
   get bytesInFlight(): number {
@@ -340,6 +374,7 @@ export class NbdConnection implements ReplyHandler {
     return new Promise<Request>((resolve, reject) => {
       const r = new Request(cookie, type, offset, length, cost, dest, resolve, reject);
       r.contextId = contextId;
+      if (this.timeoutTimer) r.sent = Date.now();
       this.pending.set(cookie, r);
       // Requests made in the same tick go out in one writev (fewer syscalls and server wakeups).
       if (!this.corked) {
@@ -355,6 +390,7 @@ export class NbdConnection implements ReplyHandler {
   /** Fail everything pending and tear the socket down (idempotent). */
   private lost(err: NbdStreamError): void {
     if (this.failure) return;
+    clearInterval(this.timeoutTimer);
     if (!err.endpoint) err.endpoint = this.opts.endpoint;
     this.failure = err;
     this.reader.fail(err);
@@ -382,6 +418,7 @@ export class NbdConnection implements ReplyHandler {
         if (this.inFlight || this.waiters.length) await new Promise<void>((r) => this.idleWaiters.push(r));
         this.closing = true;
       }
+      clearInterval(this.timeoutTimer);
       if (!this.failure && !this.socket.destroyed) {
         const s = this.socket;
         await new Promise<void>((resolve) => {
