@@ -300,10 +300,12 @@ export class NbdClient {
     return NBD_CMD_FLAG_FUA;
   }
 
-  /** Largest length field for commands without payload, aligned to the minimum block size. */
+  /** Largest length field for commands without payload (block status, zero, trim). */
   private get maxLength(): number {
-    const min = this.blockSize.minimum;
-    return Math.floor(0xffffffff / min) * min;
+    // Aligned to 64 KiB (or the minimum block size if larger): nbdkit 1.32 aborts on a block
+    // status request of 0xffffffff bytes over a large hole (an assertion in its extent code).
+    const a = Math.max(this.blockSize.minimum, 65536);
+    return Math.floor(0xffffffff / a) * a;
   }
 
   /** NBD_CMD_WRITE_ZEROES. May trim unless noHole is set. */

@@ -213,3 +213,29 @@ describe('NbdClient against nbdkit', () => {
     expect(ok.size).toBe(1 << 20);
   });
 });
+
+describe('NbdClient against large holes', () => {
+  it('asks block status for a 1 TiB hole in spans nbdkit answers (no 0xffffffff-length requests)', async () => {
+    const dir = fs.mkdtempSync('/tmp/nbdstream-hole-');
+    try {
+      const file = `${dir}/hole.img`;
+      fs.closeSync(fs.openSync(file, 'w'));
+      fs.truncateSync(file, 2 ** 40);
+      const s = await start('file', [file], { readOnly: true, log: true });
+      const c = await connect(s.uri);
+      let o = 0;
+      let asks = 0;
+      while (o < c.size) {
+        const e = await c.blockStatus(o, c.size - o);
+        expect(e.every((x) => x.flags === 3)).toBe(true);
+        o = e.at(-1)!.offset + e.at(-1)!.length;
+        asks++;
+      }
+      expect(asks).toBe(257); // 256 × (4 GiB − 64 KiB) and the remainder
+      await c.close();
+      expect(logLines(s.logFile!, ['Extents']).filter((l) => l.includes('count=0xffffffff'))).toEqual([]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
