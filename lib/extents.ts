@@ -90,15 +90,51 @@ export class ExtentMap {
     this.runs = [];
     this.known = offset;
     this.pending = undefined;
+    this.ahead.clear();
   }
+
+  /** Speculative answers for the spans after the last one, keyed by their start. */
+  private readonly ahead = new Map<number, Promise<ExtentRun[]>>();
+
+  private ask(from: number): Promise<ExtentRun[]> {
+    const early = this.ahead.get(from);
+    if (early) {
+      this.ahead.delete(from);
+      return early;
+    }
+    this.requests++;
+    return this.ep.extents(from, Math.min(this.size - from, this.maxSpan));
+  }
+
+  /**
+   * A server that described a whole large span in one answer (a mostly sparse image) will
+   * likely do so again: ask for the next AHEAD spans of the same length at once, so their
+   * requests share one write and their round trips overlap.
+   */
+  private askAhead(end: number, stride: number): void {
+    for (let i = 0, o = end; i < ExtentMap.AHEAD && o < this.size; i++, o += stride) {
+      if (this.ahead.has(o)) continue;
+      this.requests++;
+      const p = this.ep.extents(o, Math.min(this.size - o, stride));
+      p.catch(() => undefined); // a failed guess is asked again when needed
+      this.ahead.set(o, p);
+    }
+  }
+
+  private static readonly AHEAD = 8;
+  private static readonly BIG_SPAN = 1024 * 1024 * 1024;
 
   private fetch(from: number): Promise<void> {
     if (this.pending && this.pendingFrom === from) return this.pending;
     this.pendingFrom = from;
     const p = (async () => {
-      this.requests++;
-      const len = Math.min(this.size - from, this.maxSpan);
-      const got = await this.ep.extents(from, len);
+      let got: ExtentRun[];
+      try {
+        got = await this.ask(from);
+      } catch (err) {
+        this.ahead.clear();
+        throw err;
+      }
       if (!got.length || got[0].offset !== from || got.some((r) => r.length <= 0))
         throw new NbdStreamError('ERR_PROTOCOL', `extents at ${from} are empty or do not start there`, { endpoint: this.ep.name, offset: from });
       if (this.known !== from) return; // reset meanwhile
@@ -109,6 +145,8 @@ export class ExtentMap {
         else this.runs.push({ ...r });
       }
       this.known = clipped.length ? clipped[clipped.length - 1].offset + clipped[clipped.length - 1].length : from;
+      const answered = got[got.length - 1].offset + got[got.length - 1].length - from;
+      if (answered >= ExtentMap.BIG_SPAN && this.known < this.size) this.askAhead(this.known, answered);
     })();
     this.pending = p;
     return p.finally(() => {

@@ -3,7 +3,8 @@
  *
  * The source is walked in 128 MiB work ranges; each is cut into request-size pieces from its
  * start. A piece wholly covered by zero extents joins the pending zero run, which is emitted as
- * one zero chunk when a data piece comes or the work range ends. Any other piece is read whole
+ * one zero chunk when a data piece comes or the source ends (the sink cuts zero requests at work
+ * range boundaries; data chunks never cross one). Any other piece is read whole
  * and emitted as data, except ranges the read reply itself marks as holes, which flow on as zero
  * chunks. Failure to get extents makes the work range data; failure to read destroys the stream
  * (a read error never becomes zeroes). Up to `requests` reads are in flight, bounded by
@@ -84,6 +85,9 @@ export class ExtentSource extends Readable {
   private async *planRanges(size: number): AsyncGenerator<Piece> {
     const rs = this.requestSize;
     const map = new ExtentMap(this.src, size);
+    // A zero run may continue across work ranges (the sink still cuts zero requests at them).
+    let zeroStart = -1;
+    let zeroEnd = -1;
     for (let ws = 0; ws < size; ws += WORK_RANGE) {
       const we = Math.min(ws + WORK_RANGE, size);
       let runs: ExtentRun[] = [{ offset: ws, length: we - ws, zero: false }];
@@ -96,8 +100,6 @@ export class ExtentSource extends Readable {
         }
         this.stats.requests.extents += map.requests - before;
       }
-      let zeroStart = -1;
-      let zeroEnd = -1;
       let dataStart = -1;
       let dataEnd = -1;
       let ri = 0;
@@ -132,8 +134,8 @@ export class ExtentSource extends Readable {
         p = pe;
       }
       if (dataStart >= 0) yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
-      if (zeroStart >= 0) yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
     }
+    if (zeroStart >= 0) yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
   }
 
   /** Sources of unknown size: sequential data pieces until a short read. */

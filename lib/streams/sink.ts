@@ -5,7 +5,7 @@
  * finishes only after every request has completed (then flushes, if asked).
  */
 import { Writable } from 'streamx';
-import type { Chunk } from '../extents.js';
+import { WORK_RANGE, type Chunk } from '../extents.js';
 import type { Endpoint } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
 
@@ -74,8 +74,7 @@ export class Sink extends Writable {
       this.progress(c.length);
       return cb(null);
     } else {
-      stats.requests.zero++;
-      op = this.dst.zero(c.offset, c.length, { allocate: this.allocated }).then(() => {
+      op = this.zeroPieces(c).then(() => {
         stats.bytesZeroed += c.length;
       });
     }
@@ -120,6 +119,18 @@ export class Sink extends Writable {
     }
     this.stats.requests.write += writes.length;
     return Promise.all(writes);
+  }
+
+  /** Zero a range as one request per 128 MiB work range it touches. */
+  private zeroPieces(c: Chunk): Promise<unknown> {
+    const zeros: Promise<void>[] = [];
+    for (let o = c.offset, end = c.offset + c.length; o < end; ) {
+      const e = Math.min(end, o - (o % WORK_RANGE) + WORK_RANGE);
+      zeros.push(this.dst.zero(o, e - o, { allocate: this.allocated }));
+      o = e;
+    }
+    this.stats.requests.zero += zeros.length;
+    return zeros.length === 1 ? zeros[0] : Promise.all(zeros);
   }
 
   private progress(n: number): void {

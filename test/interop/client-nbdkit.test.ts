@@ -69,12 +69,18 @@ describe('NbdClient against nbdkit', () => {
       all.push(...e);
       o = e.at(-1)!.offset + e.at(-1)!.length;
     }
-    const data = all.filter((e) => !(e.flags & NBD_STATE_ZERO));
+    // consecutive answers may split a run where one answer stopped: merge before comparing
+    const merged: typeof all = [];
+    for (const e of all) {
+      const last = merged.at(-1);
+      if (last && last.flags === e.flags && last.offset + last.length === e.offset) last.length += e.length;
+      else merged.push({ ...e });
+    }
+    const data = merged.filter((e) => !(e.flags & NBD_STATE_ZERO));
     expect(data.map((e) => [e.offset, e.length])).toEqual([
       [0, 32768],
       [GiB - 32768, 32768],
-      [4 * GiB - 32768, 32768],
-      [4 * GiB, 1],
+      [4 * GiB - 32768, 32769],
     ]);
     expect(all.filter((e) => e.flags === (NBD_STATE_HOLE | NBD_STATE_ZERO)).reduce((n, e) => n + e.length, 0)).toBe(c.size - 3 * 32768 - 1);
     const r = await c.pread(4 * GiB - 4096, 4097);

@@ -2,6 +2,8 @@ import { describe, expect, it } from 'vitest';
 import { clipExtents, ExtentMap } from '../../lib/extents.js';
 import { splitZeroBlocks, isZero } from '../../lib/streams/zero-detect.js';
 import { ExtentSource } from '../../lib/streams/extent-source.js';
+import { Sink } from '../../lib/streams/sink.js';
+import { pipelinePromise } from 'streamx';
 import { MemoryEndpoint } from '../../lib/endpoints/memory.js';
 import type { Chunk } from '../../lib/extents.js';
 
@@ -56,6 +58,33 @@ describe('ExtentMap', () => {
   });
 });
 
+describe('ExtentMap on a server that answers 4 GiB at a time', () => {
+  it('asks for the following spans ahead, in one batch, and each span once', async () => {
+    const GiB = 2 ** 30;
+    const size = 64 * GiB;
+    const asked: number[] = [];
+    let inFlight = 0;
+    let maxInFlight = 0;
+    const ep = {
+      name: 'virtual',
+      size,
+      async extents(offset: number, length: number) {
+        asked.push(offset);
+        inFlight++;
+        maxInFlight = Math.max(maxInFlight, inFlight);
+        await new Promise((r) => setTimeout(r, 1));
+        inFlight--;
+        return [{ offset, length: Math.min(length, 4 * GiB), zero: true }];
+      },
+    } as unknown as MemoryEndpoint;
+    const map = new ExtentMap(ep, size);
+    for (let o = 0; o < size; o += 128 * MiB) expect(await map.get(o, 128 * MiB)).toEqual([{ offset: o, length: 128 * MiB, zero: true }]);
+    expect(asked).toEqual(Array.from({ length: 16 }, (_, i) => i * 4 * GiB));
+    expect(map.requests).toBe(16);
+    expect(maxInFlight).toBeGreaterThanOrEqual(8);
+  });
+});
+
 describe('zero detection (-S)', () => {
   it('isZero compares whole ranges', () => {
     const b = Buffer.alloc(100000);
@@ -85,24 +114,33 @@ describe('ExtentSource piece planning', () => {
     for await (const c of new ExtentSource(ep, o)) out.push(`${(c as Chunk).kind} ${(c as Chunk).offset}+${(c as Chunk).length}`);
     return out;
   }
-  it('reads pieces holding data whole and sends each zero run once, cut at 128 MiB', async () => {
+  it('reads pieces holding data whole and sends each zero run once; the sink cuts zero requests at 128 MiB', async () => {
     const size = 300 * MiB;
     const buf = Buffer.alloc(size);
     buf[0] = 1;
     buf[200 * MiB + 5] = 1;
-    const ep = new MemoryEndpoint(buf, 'm', [
+    const zeroRanges = [
       { offset: 4096, length: 200 * MiB - 4096 },
       { offset: 200 * MiB + 8192, length: size - 200 * MiB - 8192 },
-    ]);
+    ];
+    const ep = new MemoryEndpoint(buf, 'm', zeroRanges);
     expect(await chunks(ep, { requestSize: 65536 })).toEqual([
       'data 0+65536',
+      `zero 65536+${200 * MiB - 65536}`,
+      `data ${200 * MiB}+65536`,
+      `zero ${200 * MiB + 65536}+${100 * MiB - 65536}`,
+    ]);
+    expect(ep.log.filter((l) => l.startsWith('extents'))).toEqual([`extents 0+${size}`]);
+    const dst = new MemoryEndpoint(Buffer.alloc(size), 'dst');
+    await pipelinePromise(new ExtentSource(new MemoryEndpoint(buf, 'm', zeroRanges), { requestSize: 65536 }), new Sink(dst, { requestSize: 65536 }));
+    expect(dst.log).toEqual([
+      'write 0+65536',
       `zero 65536+${128 * MiB - 65536}`,
       `zero ${128 * MiB}+${72 * MiB}`,
-      `data ${200 * MiB}+65536`,
+      `write ${200 * MiB}+65536`,
       `zero ${200 * MiB + 65536}+${56 * MiB - 65536}`,
       `zero ${256 * MiB}+${44 * MiB}`,
     ]);
-    expect(ep.log.filter((l) => l.startsWith('extents'))).toEqual([`extents 0+${size}`]);
   });
   it('reads everything with extents off, consecutive pieces together up to the read size', async () => {
     const ep = new MemoryEndpoint(Buffer.alloc(3 * MiB + 1), 'm', [{ offset: 0, length: 3 * MiB + 1 }]);
