@@ -9,10 +9,8 @@
  * Errors from the addon look like node:fs errors: `{ code: 'ENXIO', errno: -6, syscall }`.
  */
 
-import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 
 /** The raw addon. All calls are synchronous; offsets and lengths are integers in [0, 2^53). */
 export interface NativeOps {
@@ -46,18 +44,9 @@ export interface FileExtent {
   zero: boolean;
 }
 
-const ADDON_PATH = join('native', 'build', 'Release', 'nbdstream_native.node');
+import { packageRoot } from './package-info.js';
 
-/** Nearest directory at or above this module holding a package.json (works from lib/ and dist/lib/). */
-function packageRoot(): string | undefined {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    if (existsSync(join(dir, 'package.json'))) return dir;
-    const parent = dirname(dir);
-    if (parent === dir) return undefined;
-    dir = parent;
-  }
-}
+const ADDON_PATH = join('native', 'build', 'Release', 'nbdstream_native.node');
 
 function load(): { ops?: NativeOps; error?: string } {
   if (process.env.NBDSTREAM_NATIVE === '0') return { error: 'disabled by NBDSTREAM_NATIVE=0' };
