@@ -3,7 +3,6 @@
  * progress, -v details and errors (one line, exit 1).
  */
 import * as fs from 'node:fs';
-import { createRequire } from 'node:module';
 import yargs from 'yargs';
 import { copy, checkRequestSize, type CopySummary } from '../lib/copy.js';
 import { NbdStreamError } from '../lib/errors.js';
@@ -11,9 +10,9 @@ import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
 import { nativeLoadError } from '../lib/native.js';
+import { packageVersion } from '../lib/package-info.js';
 
-const require = createRequire(import.meta.url);
-const pkg = require('../../package.json') as { version: string };
+const pkg = { version: packageVersion() };
 
 function fail(message: string): never {
   process.stderr.write(`nbdstream: ${message}\n`);
@@ -26,6 +25,12 @@ function parseSize(name: string, v: unknown): number {
   if (!m) fail(`--${name}: expected a size like 262144, 256K or 1M, not "${String(v)}"`);
   const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 }[m[2].toLowerCase() as '' | 'k' | 'm' | 'g'];
   return Number(m[1]) * mult;
+}
+
+function parseSeconds(v: unknown): number {
+  const n = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(String(v)) || n <= 0) fail(`--timeout: expected a number of seconds > 0, not "${String(v)}"`);
+  return n;
 }
 
 function parseCount(name: string, v: unknown, min: number): number {
@@ -96,6 +101,8 @@ async function main(): Promise<void> {
     .option('requests', { alias: 'R', type: 'string', describe: 'Requests in flight per connection (default 64)' })
     .option('sparse', { alias: 'S', type: 'string', describe: 'Detect zero blocks of this size (default 4096, 0 = off)' })
     .option('synchronous', { type: 'boolean', describe: 'One request at a time (for debugging)' })
+    .option('timeout', { type: 'string', describe: 'Seconds an NBD request may wait for its reply (default: no limit)' })
+    .option('retries', { type: 'string', describe: 'Reconnect and resend up to N times after a lost NBD connection (default 0)' })
     .option('threads', { alias: 'T', type: 'string', describe: 'Accepted for nbdcopy compatibility (Node copies on one thread)' })
     .option('verbose', { alias: 'v', type: 'boolean', describe: 'Print endpoints, capabilities and sizes to stderr' })
     .version(`nbdstream ${pkg.version}`)
@@ -143,6 +150,8 @@ async function main(): Promise<void> {
     noExtents: argv['no-extents'],
     flush: argv.flush,
     synchronous: argv.synchronous,
+    timeout: argv.timeout !== undefined ? parseSeconds(argv.timeout) : undefined,
+    retries: argv.retries !== undefined ? parseCount('retries', argv.retries, 0) : undefined,
   };
   if (argv.threads !== undefined) parseCount('threads', argv.threads, 0);
   if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || (options.sparse & (options.sparse - 1)) !== 0))
