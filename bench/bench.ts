@@ -31,10 +31,12 @@ interface Run {
 }
 
 /** Run `sh -c script` under /usr/bin/time inside nbdkit --run; returns the client's time and RSS. */
-function timed(nbdkitArgs: string[], client: string): Run {
+function timed(nbdkitArgs: string[] | undefined, client: string): Run {
   const tf = path.join(dir, 'time.txt');
   const script = `export uri; /usr/bin/time -o ${tf} -f '%e %M %U %S' sh -c '${client.replace(/'/g, `'\\''`)}'`;
-  const r = spawnSync('nbdkit', ['-U', '-', '--exit-with-parent', ...nbdkitArgs, '--run', script], { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 24 });
+  const r = nbdkitArgs
+    ? spawnSync('nbdkit', ['-U', '-', '--exit-with-parent', ...nbdkitArgs, '--run', script], { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 24 })
+    : spawnSync('sh', ['-c', script], { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 24 });
   if (r.status !== 0) throw new Error(`benchmark command failed (${client}): ${r.stderr.toString().trim()}`);
   const [e, m, u, s] = fs.readFileSync(tf, 'utf8').trim().split('\n').pop()!.split(' ').map(Number);
   return { seconds: e, rssKiB: m, cpu: u + s };
@@ -42,7 +44,8 @@ function timed(nbdkitArgs: string[], client: string): Run {
 
 interface Case {
   name: string;
-  server: string[];
+  /** nbdkit arguments (the command gets $uri), or none: the command starts its own server. */
+  server?: string[];
   bytes: number;
   nbdstream: string;
   nbdcopy: string;
@@ -52,6 +55,8 @@ interface Case {
 
 const GiB = 2 ** 30;
 const out = path.join(dir, 'out.img');
+const hole = path.join(dir, 'hole.img');
+const TiB = 2 ** 40;
 const rmOut = () => fs.rmSync(out, { force: true });
 const cases: Case[] = [
   {
@@ -92,6 +97,53 @@ const cases: Case[] = [
     nbdcopy: `nbdcopy "$uri" ${out}`,
     before: rmOut,
   },
+  {
+    name: 'sparse-random 16G 5% NBD → NBD (nbdkit memory)',
+    server: ['sparse-random', '16G', 'percent=5', 'seed=1'],
+    bytes: 16 * GiB,
+    nbdstream: `${cli} -- "$uri" [ nbdkit memory 16G ]`,
+    nbdcopy: 'nbdcopy -- "$uri" [ nbdkit memory 16G ]',
+  },
+  {
+    name: 'dense 2G file → NBD (nbdkit memory)',
+    bytes: 2 * GiB,
+    nbdstream: `${cli} -- ${dense} [ nbdkit memory 2G ]`,
+    nbdcopy: `nbdcopy -- ${dense} [ nbdkit memory 2G ]`,
+  },
+  {
+    name: '1T hole (nbdkit file) → null:',
+    server: ['file', hole],
+    bytes: TiB,
+    nbdstream: `${cli} "$uri" null:`,
+    nbdcopy: 'nbdcopy "$uri" null:',
+  },
+  {
+    name: '1T hole (nbdkit file) → fresh file',
+    server: ['file', hole],
+    bytes: TiB,
+    nbdstream: `${cli} "$uri" ${out}`,
+    nbdcopy: `nbdcopy "$uri" ${out}`,
+    before: rmOut,
+  },
+  {
+    name: '1T hole (qemu-nbd) → null:',
+    bytes: TiB,
+    nbdstream: `${cli} -- [ qemu-nbd -r -f raw ${hole} ] null:`,
+    nbdcopy: `nbdcopy -- [ qemu-nbd -r -f raw ${hole} ] null:`,
+  },
+  {
+    name: '1T hole (nbdkit memory, server-bound) → null:',
+    server: ['memory', '1T'],
+    bytes: TiB,
+    nbdstream: `${cli} "$uri" null:`,
+    nbdcopy: 'nbdcopy "$uri" null:',
+  },
+  {
+    name: 'qemu-nbd 4G 5% data --no-extents → null: (OFFSET_HOLE)',
+    bytes: 4 * GiB,
+    nbdstream: `${cli} --no-extents -- [ qemu-nbd -r -f raw ${path.join(dir, 'sparse4g.img')} ] null:`,
+    nbdcopy: `nbdcopy --no-extents -- [ qemu-nbd -r -f raw ${path.join(dir, 'sparse4g.img')} ] null:`,
+  },
 ];
 
 function fmt(r: Run | undefined): string {
@@ -101,6 +153,11 @@ function fmt(r: Run | undefined): string {
 function main(): void {
   if (!fs.existsSync(readExample)) throw new Error('run `npm run build` first');
   execFileSync('sh', ['-c', `head -c ${2 * GiB} /dev/urandom > ${dense}`]);
+  execFileSync('truncate', ['-s', String(TiB), hole]);
+  // 4 GiB with 5 % data: 1 MiB of random data every 20 MiB
+  const s4 = path.join(dir, 'sparse4g.img');
+  execFileSync('truncate', ['-s', String(4 * GiB), s4]);
+  execFileSync('sh', ['-c', `for i in $(seq 0 203); do dd if=${dense} of=${s4} bs=1M count=1 skip=$i seek=$((i*20)) conv=notrunc status=none; done`]);
   const rows: string[][] = [['case', 'nbdstream', 'nbdcopy', 'qemu-img', 'speed vs nbdcopy', 'nbdstream RSS', 'nbdstream CPU/GiB', 'nbdcopy CPU/GiB']];
   for (const c of cases) {
     if (only && !c.name.includes(only)) continue;
