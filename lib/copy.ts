@@ -33,6 +33,10 @@ export interface CopyOptions {
   flush?: boolean;
   /** One request at a time, one connection. */
   synchronous?: boolean;
+  /** NBD: seconds a request may wait for its reply before its connection is failed (default: none). */
+  timeout?: number;
+  /** NBD: after a lost connection, reconnect and resend each affected request up to N times. */
+  retries?: number;
   /** Progress: bytes done of total (total undefined for sources of unknown size). */
   onProgress?: (done: number, total: number | undefined) => void;
   /** Called once both endpoints are open (e.g. to print -v details). */
@@ -59,7 +63,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const connections = sync ? 1 : options.connections ?? 4;
   const allocated = options.allocated ?? false;
   const sparse = allocated ? 0 : options.sparse ?? 4096;
-  const openOpts = { connections, requests, queueSize };
+  const openOpts = { connections, requests, queueSize, timeout: options.timeout, retries: options.retries };
 
   const opened: Endpoint[] = [];
   const isEndpoint = (x: unknown): x is Endpoint => typeof x === 'object' && x !== null && !Array.isArray(x);

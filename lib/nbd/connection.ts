@@ -211,10 +211,12 @@ export class NbdConnection implements ReplyHandler {
       this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${err.code ?? err.message}`, { cause: err }));
     });
     s.on('close', () => {
+      // ERR_CLOSED even when a reply was cut short: to the client a truncated reply and a
+      // dropped connection look the same, and both may be retried (--retries).
       const n = this.pending.size;
-      this.lost(
-        new NbdStreamError('ERR_CLOSED', n ? `server closed the connection with ${n} request${n > 1 ? 's' : ''} pending` : 'server closed the connection'),
-      );
+      const pending = n ? ` with ${n} request${n > 1 ? 's' : ''} pending` : '';
+      const midReply = this.decoder && !this.decoder.idle && !this.decoder.dead ? ' in the middle of a reply' : '';
+      this.lost(new NbdStreamError('ERR_CLOSED', `server closed the connection${midReply}${pending}`));
     });
   }
 
