@@ -204,7 +204,9 @@ async function main(): Promise<void> {
  * Subcommands live in their own files (bin/<name>.ts exporting `run(args): Promise<number>`,
  * which resolves with the exit status); anything else is a copy.
  */
-const SUBCOMMANDS: Record<string, () => Promise<{ run(args: string[]): Promise<number> }>> = {};
+const SUBCOMMANDS: Record<string, () => Promise<{ run(args: string[]): Promise<number> }>> = {
+  serve: () => import('./serve.js'),
+};
 
 const sub = SUBCOMMANDS[process.argv[2]];
 (sub ? sub().then((m) => m.run(process.argv.slice(3))) : main().then(() => 0)).then(
