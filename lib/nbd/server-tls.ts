@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import type { Duplex } from 'node:stream';
-import { NbdStreamError } from '../errors.js';
+import { readPskFile, readTlsFile, tlsError } from './tls-files.js';
 
 export interface ServerTlsOptions {
   /** 'require': refuse every option but STARTTLS and ABORT before TLS (FORCEDTLS); 'on': TLS is offered (SELECTIVETLS with no TLS-only exports). */
@@ -19,33 +19,6 @@ export interface ServerTlsOptions {
   certificates?: string;
   /** X.509: require a client certificate signed by ca-cert.pem. */
   verifyPeer?: boolean;
-}
-
-function tlsError(message: string, cause?: unknown): NbdStreamError {
-  return new NbdStreamError('ERR_TLS', message, { cause });
-}
-
-function readFile(file: string, what: string): Buffer {
-  try {
-    return fs.readFileSync(file);
-  } catch (err) {
-    throw tlsError(`cannot read ${what} ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, err);
-  }
-}
-
-/** All `user:hexkey` entries of a psktool file. */
-export function readPskFile(file: string): Map<string, Buffer> {
-  const keys = new Map<string, Buffer>();
-  const text = readFile(file, 'PSK file').toString('utf8');
-  text.split(/\r?\n/).forEach((line, i) => {
-    if (line.trim() === '') return;
-    const colon = line.indexOf(':');
-    const hex = colon < 0 ? '' : line.slice(colon + 1).trim();
-    if (colon <= 0 || !/^([0-9a-fA-F]{2})+$/.test(hex)) throw tlsError(`PSK file ${file}: line ${i + 1} is not "user:hexkey"`);
-    keys.set(line.slice(0, colon), Buffer.from(hex, 'hex'));
-  });
-  if (keys.size === 0) throw tlsError(`PSK file ${file} has no keys`);
-  return keys;
 }
 
 /** Loaded credentials; upgrade() turns an accepted socket into a server-side TLS socket. */
@@ -72,9 +45,9 @@ export class ServerTls {
       const haveCa = fs.existsSync(ca);
       if (this.verifyPeer && !haveCa) throw tlsError(`verifying clients needs ${ca}`);
       this.context = tls.createSecureContext({
-        cert: readFile(path.join(dir, 'server-cert.pem'), 'server certificate'),
-        key: readFile(path.join(dir, 'server-key.pem'), 'server key'),
-        ca: haveCa ? readFile(ca, 'CA certificate') : undefined,
+        cert: readTlsFile(path.join(dir, 'server-cert.pem'), 'server certificate'),
+        key: readTlsFile(path.join(dir, 'server-key.pem'), 'server key'),
+        ca: haveCa ? readTlsFile(ca, 'CA certificate') : undefined,
         minVersion: 'TLSv1.2',
       });
       this.description = `certificates from ${dir}`;

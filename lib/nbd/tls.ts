@@ -3,32 +3,15 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
-import { NbdStreamError } from '../errors.js';
 import type { NbdAddress } from './uri.js';
 
-function tlsError(message: string, cause?: unknown): NbdStreamError {
-  return new NbdStreamError('ERR_TLS', message, { cause });
-}
-
-function readFile(file: string, what: string): Buffer {
-  try {
-    return fs.readFileSync(file);
-  } catch (err) {
-    throw tlsError(`cannot read ${what} ${file}: ${(err as Error).message}`, err);
-  }
-}
+import { readPskFile, readTlsFile, tlsError } from './tls-files.js';
 
 /** Key for `user` from a psktool file, as bytes. */
 export function readPskKey(file: string, user: string): Buffer {
-  const text = readFile(file, 'PSK file').toString('utf8');
-  for (const line of text.split(/\r?\n/)) {
-    const colon = line.indexOf(':');
-    if (colon < 0 || line.slice(0, colon) !== user) continue;
-    const hex = line.slice(colon + 1).trim();
-    if (!/^([0-9a-fA-F]{2})+$/.test(hex)) throw tlsError(`PSK file ${file}: key for user "${user}" is not hexadecimal`);
-    return Buffer.from(hex, 'hex');
-  }
-  throw tlsError(`PSK file ${file} has no key for user "${user}"`);
+  const key = readPskFile(file).get(user);
+  if (!key) throw tlsError(`PSK file ${file} has no key for user "${user}"`);
+  return key;
 }
 
 /** The PSK identity the client offers: the URI's user name, else the local login name. */
@@ -60,12 +43,12 @@ export function tlsConnectOptions(a: NbdAddress): tls.ConnectionOptions {
   if (a.tlsCertificates) {
     const dir = a.tlsCertificates;
     const ca = path.join(dir, 'ca-cert.pem');
-    if (fs.existsSync(ca)) o.ca = readFile(ca, 'CA certificate');
+    if (fs.existsSync(ca)) o.ca = readTlsFile(ca, 'CA certificate');
     const cert = path.join(dir, 'client-cert.pem');
     const key = path.join(dir, 'client-key.pem');
     if (fs.existsSync(cert)) {
-      o.cert = readFile(cert, 'client certificate');
-      o.key = readFile(key, 'client key');
+      o.cert = readTlsFile(cert, 'client certificate');
+      o.key = readTlsFile(key, 'client key');
     }
   }
   if (!a.tlsVerifyPeer) o.checkServerIdentity = () => undefined;
