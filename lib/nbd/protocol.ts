@@ -104,15 +104,25 @@ export const NBD_DEFAULT_PORT = 10809;
 export const NBD_DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
 export const NBD_MAX_STRING = 4096;
 
+// Error values (the protocol's; they happen to match Linux errno).
+export const NBD_EPERM = 1;
+export const NBD_EIO = 5;
+export const NBD_ENOMEM = 12;
+export const NBD_EINVAL = 22;
+export const NBD_ENOSPC = 28;
+export const NBD_EOVERFLOW = 75;
+export const NBD_ENOTSUP = 95;
+export const NBD_ESHUTDOWN = 108;
+
 const ERRORS: Record<number, string> = {
-  1: 'EPERM',
-  5: 'EIO',
-  12: 'ENOMEM',
-  22: 'EINVAL',
-  28: 'ENOSPC',
-  75: 'EOVERFLOW',
-  95: 'ENOTSUP',
-  108: 'ESHUTDOWN',
+  [NBD_EPERM]: 'EPERM',
+  [NBD_EIO]: 'EIO',
+  [NBD_ENOMEM]: 'ENOMEM',
+  [NBD_EINVAL]: 'EINVAL',
+  [NBD_ENOSPC]: 'ENOSPC',
+  [NBD_EOVERFLOW]: 'EOVERFLOW',
+  [NBD_ENOTSUP]: 'ENOTSUP',
+  [NBD_ESHUTDOWN]: 'ESHUTDOWN',
 };
 const ERROR_TEXT: Record<string, string> = {
   EPERM: 'Operation not permitted',

@@ -111,15 +111,8 @@ import { formatNbdUri } from './uri.js';
 
 export type { ServerTlsOptions } from './server-tls.js';
 
-// NBD error values (the protocol's, which happen to match Linux errno).
-export const NBD_EPERM = 1;
-export const NBD_EIO = 5;
-export const NBD_ENOMEM = 12;
-export const NBD_EINVAL = 22;
-export const NBD_ENOSPC = 28;
-export const NBD_EOVERFLOW = 75;
-export const NBD_ENOTSUP = 95;
-export const NBD_ESHUTDOWN = 108;
+import { NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN } from './protocol.js';
+export { NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN };
 
 const NBD_ERRNO: Record<string, number> = {
   EPERM: NBD_EPERM,
