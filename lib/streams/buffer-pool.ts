@@ -1,3 +1,5 @@
+import type { Chunk } from '../extents.js';
+
 /**
  * Reusable read buffers of one size. Buffers come back through Chunk.release() once the sink
  * has written them, so a steady-state copy allocates nothing per request. The pool keeps at most
@@ -20,10 +22,20 @@ export class BufferPool {
   }
 }
 
-/** A release function that runs `done` after it has been called `count` times. */
-export function countdown(count: number, done: () => void): () => void {
-  let left = count;
-  return () => {
-    if (--left === 0) done();
+/**
+ * Hand one buffer's release to the data chunks cut from it: the buffer goes back once each of
+ * them has been released (at once if there are none). Zero chunks hold no buffer.
+ */
+export function shareRelease(chunks: Chunk[], release: () => void): void {
+  const data = chunks.filter((c) => c.kind === 'data');
+  if (!data.length) return release();
+  if (data.length === 1) {
+    data[0].release = release;
+    return;
+  }
+  let left = data.length;
+  const one = () => {
+    if (--left === 0) release();
   };
+  for (const c of data) c.release = one;
 }

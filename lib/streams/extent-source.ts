@@ -15,7 +15,7 @@ import { NbdStreamError } from '../errors.js';
 import { ExtentMap, WORK_RANGE, type Chunk } from '../extents.js';
 import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
-import { BufferPool, countdown } from './buffer-pool.js';
+import { BufferPool, shareRelease } from './buffer-pool.js';
 
 export interface ExtentSourceOptions {
   /** Piece size: power of two, 4 KiB - 32 MiB (default 256 KiB). */
@@ -40,6 +40,8 @@ type QueueEntry = { bytes: number; chunks: Chunk[] | undefined };
 export const DEFAULT_REQUEST_SIZE = 256 * 1024;
 export const DEFAULT_QUEUE_SIZE = 16 * 1024 * 1024;
 export const DEFAULT_READ_SIZE = 2 * 1024 * 1024;
+/** Bytes buffered between pipeline stages (the in-flight limits are what bound memory). */
+export const STAGE_BUFFER = 2 * 1024 * 1024;
 
 export function chunkBytes(c: Chunk): number {
   return c.kind === 'data' ? c.length : 64;
@@ -69,7 +71,8 @@ export class ExtentSource extends Readable {
 
   constructor(src: Endpoint, options: ExtentSourceOptions = {}) {
     const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
-    super({ highWaterMark: queueSize, byteLength: (c) => chunkBytes(c as Chunk) });
+    // reads in flight are bounded by queueSize; between stages only about one read's worth waits
+    super({ highWaterMark: STAGE_BUFFER, byteLength: (c) => chunkBytes(c as Chunk) });
     this.src = src;
     this.requestSize = options.requestSize ?? DEFAULT_REQUEST_SIZE;
     this.maxRequests = src.capabilities.seekable ? Math.max(1, options.requests ?? 64) : 1;
@@ -186,12 +189,7 @@ export class ExtentSource extends Readable {
       }
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
-    const data = out.filter((c) => c.kind === 'data');
-    if (!data.length) release();
-    else {
-      const shared = data.length === 1 ? release : countdown(data.length, release);
-      for (const c of data) c.release = shared;
-    }
+    shareRelease(out, release);
     return out;
   }
 

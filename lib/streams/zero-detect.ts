@@ -6,8 +6,8 @@
  */
 import { Transform } from 'streamx';
 import type { Chunk } from '../extents.js';
-import { chunkBytes } from './extent-source.js';
-import { countdown } from './buffer-pool.js';
+import { STAGE_BUFFER, chunkBytes } from './extent-source.js';
+import { shareRelease } from './buffer-pool.js';
 
 let zeroes = Buffer.alloc(0);
 
@@ -49,20 +49,13 @@ export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
     b = next;
   }
   emit(end);
-  if (c.release) {
-    const data = out.filter((x) => x.kind === 'data');
-    if (!data.length) c.release();
-    else {
-      const r = countdown(data.length, c.release);
-      for (const x of data) x.release = r;
-    }
-  }
+  if (c.release) shareRelease(out, c.release);
   return out;
 }
 
 export class ZeroDetect extends Transform {
   constructor(private readonly sparse: number, queueSize = 16 * 1024 * 1024) {
-    super({ highWaterMark: queueSize, byteLength: (c) => chunkBytes(c as Chunk) });
+    super({ highWaterMark: Math.min(queueSize, STAGE_BUFFER), byteLength: (c) => chunkBytes(c as Chunk) });
   }
 
   override _transform(c: unknown, cb: (err: Error | null, data?: unknown) => void): void {
