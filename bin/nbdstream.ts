@@ -11,6 +11,9 @@ import type { EndpointSpec } from '../lib/endpoints/open.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
 import { nativeLoadError } from '../lib/native.js';
 import { packageVersion } from '../lib/package-info.js';
+import { parseBlkhash, type BlkhashSpec } from '../lib/blkhash.js';
+import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/progress.js';
+import { describeSpec } from '../lib/endpoints/open.js';
 
 const pkg = { version: packageVersion() };
 
@@ -53,6 +56,18 @@ function unknownOptions(list: string, args: string[]): string {
   return `unknown option${spelled.size > 1 ? 's' : ''}: ${[...spelled].join(', ')}`;
 }
 
+/** "-", or a path to a FIFO, character device or socket: what opens as a pipe. */
+function isPipe(spec: EndpointSpec): boolean {
+  if (spec === '-') return true;
+  if (typeof spec !== 'string' || spec === 'null:' || /^[a-z][a-z0-9+.-]*:/i.test(spec)) return false;
+  try {
+    const st = fs.statSync(spec);
+    return st.isFIFO() || st.isCharacterDevice() || st.isSocket();
+  } catch {
+    return false;
+  }
+}
+
 function capabilityLine(ep: Endpoint): string {
   const c = ep.capabilities;
   const flags = Object.entries(c)
@@ -77,7 +92,8 @@ async function main(): Promise<void> {
       commands.push(g);
       return `\u0000cmd${commands.length - 1}`;
     }
-    return g === '-p' || g === '--progress' ? '--progress=' : g;
+    // likewise "--blkhash" takes a value only as "--blkhash=ALG[/SIZE]"
+    return g === '-p' || g === '--progress' ? '--progress=' : g === '--blkhash' ? '--blkhash=' : g;
   });
 
   const argv = await yargs(flat)
@@ -90,21 +106,27 @@ async function main(): Promise<void> {
         '"null:" (destination only) or "[ CMD ARGS ]" to run an NBD server by socket activation.',
     )
     .parserConfiguration({ 'populate--': false, 'short-option-groups': true, 'camel-case-expansion': true, 'boolean-negation': false })
+    .option('blkhash', { type: 'string', describe: 'Print the block hash of the source on stdout: --blkhash[=ALG[/BLOCKSIZE]], ALG md5, sha1, sha256 or sha512 (default sha256/64k)' })
+    .option('blkhash-file', { type: 'string', describe: 'Write the block hash to FILE instead of stdout (implies --blkhash)' })
     .option('allocated', { type: 'boolean', describe: 'Fully allocate the destination (zero with NO_HOLE, no -S detection)' })
     .option('connections', { alias: 'C', type: 'string', describe: 'NBD connections when multi-conn is allowed (default 4)' })
     .option('destination-is-zero', { alias: 'target-is-zero', type: 'boolean', describe: 'Destination already reads as zeroes: send no zero requests' })
     .option('flush', { type: 'boolean', describe: 'Flush the destination at the end' })
     .option('no-extents', { type: 'boolean', describe: 'Ignore extent information and read everything' })
-    .option('progress', { type: 'string', describe: 'Progress bar on stderr (-p), or "N/100" lines to FD (--progress=FD)' })
+    .option('pipe-format', { type: 'string', describe: 'raw or extents (holes as records, docs/extent-stream.md): the format of a "-" or FIFO destination (default raw; the source then detects its own), else forces a pipe source\'s (default: detected)' })
+    .option('dirty-bitmap', { type: 'string', describe: 'Copy only the ranges dirty in the NBD source\'s qemu:dirty-bitmap:NAME; leave the rest of the destination as it is' })
+    .option('progress', { type: 'string', describe: 'Progress bar on stderr (-p), "N/100" lines to FD (--progress=FD), or JSON lines on stderr or FD (--progress=json[:FD])' })
     .option('queue-size', { type: 'string', describe: 'Bytes of requests in flight (default 16M)' })
     .option('request-size', { type: 'string', describe: 'Request size, a power of two 4K-32M (default 256K)' })
     .option('requests', { alias: 'R', type: 'string', describe: 'Requests in flight per connection (default 64)' })
     .option('sparse', { alias: 'S', type: 'string', describe: 'Detect zero blocks of this size (default 4096, 0 = off)' })
+    .option('summary', { type: 'string', describe: 'Print the final summary as a JSON object on stdout (--summary=json)' })
     .option('synchronous', { type: 'boolean', describe: 'One request at a time (for debugging)' })
     .option('timeout', { type: 'string', describe: 'Seconds an NBD request may wait for its reply (default: no limit)' })
     .option('retries', { type: 'string', describe: 'Reconnect and resend up to N times after a lost NBD connection (default 0)' })
     .option('threads', { alias: 'T', type: 'string', describe: 'Accepted for nbdcopy compatibility (Node copies on one thread)' })
     .option('verbose', { alias: 'v', type: 'boolean', describe: 'Print endpoints, capabilities and sizes to stderr' })
+    .option('verify', { type: 'boolean', describe: 'After the copy, re-read the destination and check it against the block hash of the source' })
     .version(`nbdstream ${pkg.version}`)
     .alias('version', 'V')
     .help('help')
@@ -112,6 +134,10 @@ async function main(): Promise<void> {
     .example('nbdstream disk.img nbd+unix:///?socket=/tmp/sock', 'copy a file to an NBD server over a Unix socket')
     .example('nbdstream -p -- [ qemu-nbd -f qcow2 disk.qcow2 ] out.raw', 'convert qcow2 to raw via qemu-nbd')
     .example('nbdstream --target-is-zero disk.img nbd://host/fresh', 'skip zeroing a new target')
+    .example('nbdstream --blkhash --verify disk.img nbd://host/export', 'copy, print the source block hash, check the copy')
+    .example('nbdstream nbd://host/disk - --pipe-format=extents | ssh far nbdstream - disk.img', 'send only the data through a pipe')
+    .example('nbdstream --dirty-bitmap=b0 nbd://host/disk backup.raw', 'incremental backup: copy what changed since bitmap b0')
+    .example('nbdstream compare a.img nbd://host/export', 'compare two images (see nbdstream compare --help)')
     .strictOptions()
     .wrap(Math.min(100, process.stdout.columns || 100))
     .fail((msg, err) => {
@@ -134,10 +160,43 @@ async function main(): Promise<void> {
   }
   const verbose = argv.verbose ?? false;
   const progress = argv.progress;
+  // progress: "" bar on stderr, "FD" N/100 lines, "json" / "json:FD" JSON lines (stderr by default)
   let progressFd: number | undefined;
-  if (progress !== undefined && progress !== '') {
+  let progressJson = false;
+  if (progress === 'json' || progress?.startsWith('json:')) {
+    progressJson = true;
+    const fd = progress === 'json' ? '2' : progress.slice(5);
+    if (!/^\d+$/.test(fd)) fail(`--progress=json:FD: expected a file descriptor number, not "${fd}"`);
+    progressFd = Number(fd);
+  } else if (progress !== undefined && progress !== '') {
     if (!/^\d+$/.test(progress)) fail(`--progress: expected a file descriptor number, not "${progress}"`);
     progressFd = Number(progress);
+  }
+  const summaryJson = argv.summary !== undefined;
+  if (summaryJson && argv.summary !== 'json') fail(`--summary: expected "json", not "${argv.summary}"`);
+  const blkhashFile = argv['blkhash-file'];
+  if (blkhashFile === '') fail('--blkhash-file: expected a file name');
+  let blkhash: BlkhashSpec | undefined;
+  if (argv.blkhash !== undefined || blkhashFile !== undefined) {
+    try {
+      blkhash = parseBlkhash(argv.blkhash ?? '');
+    } catch (err) {
+      fail((err as Error).message);
+    }
+  }
+  const verify = argv.verify ?? false;
+  const pipeFormat = argv['pipe-format'];
+  if (pipeFormat !== undefined && pipeFormat !== 'raw' && pipeFormat !== 'extents') fail(`--pipe-format: expected raw or extents, not "${pipeFormat}"`);
+  const dirtyBitmap = argv['dirty-bitmap'];
+  if (dirtyBitmap !== undefined) {
+    if (dirtyBitmap === '') fail('--dirty-bitmap: expected a bitmap name');
+    if (argv['no-extents']) fail('--dirty-bitmap needs extent information: drop --no-extents');
+    if (blkhash || verify) fail('--dirty-bitmap copies part of the image: --blkhash and --verify need all of it');
+  }
+  if (dst === '-') {
+    // stdout carries the image: nothing else may be printed there
+    if (blkhash && blkhashFile === undefined) fail('--blkhash: the destination is stdout; write the digest with --blkhash-file=FILE');
+    if (summaryJson) fail('--summary=json: the destination is stdout');
   }
   const options = {
     requestSize,
@@ -152,28 +211,41 @@ async function main(): Promise<void> {
     synchronous: argv.synchronous,
     timeout: argv.timeout !== undefined ? parseSeconds(argv.timeout) : undefined,
     retries: argv.retries !== undefined ? parseCount('retries', argv.retries, 0) : undefined,
+    blkhash,
+    verify,
+    // --pipe-format is the output's format when the destination is a pipe, else the input's
+    ...(isPipe(dst) ? { pipeFormat: pipeFormat as 'raw' | 'extents' | undefined } : { sourcePipeFormat: pipeFormat as 'raw' | 'extents' | undefined }),
+    dirtyBitmap,
   };
   if (argv.threads !== undefined) parseCount('threads', argv.threads, 0);
   if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || (options.sparse & (options.sparse - 1)) !== 0))
     fail(`--sparse: expected 0 or a power of two ≥ 512, not ${options.sparse}`);
 
   let lastPercent = -1;
+  let lastDraw = 0;
+  let lastProgress: CopyProgress | undefined;
+  // on a terminal the bar also shows rate and ETA, redrawn a few times a second
+  const tty = progress === '' && process.stderr.isTTY === true;
   const report = (percent: number) => {
-    if (percent === lastPercent) return;
+    const now = Date.now();
+    if (percent === lastPercent && !(tty && now - lastDraw >= 200)) return;
     lastPercent = percent;
+    lastDraw = now;
     if (progressFd !== undefined) fs.writeSync(progressFd, `${percent}/100\n`);
-    else if (progress !== undefined) {
-      const width = 40;
-      const filled = Math.round((percent / 100) * width);
-      process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${String(percent).padStart(3)}%`);
-    }
+    else if (progress !== undefined) process.stderr.write(`\r${formatBar(percent, lastProgress, tty)}${tty ? '\x1b[K' : ''}`);
+  };
+  const jsonLines = progressJson ? throttle<CopyProgress>((p) => fs.writeSync(progressFd!, JSON.stringify(p) + '\n'), 250) : undefined;
+  const onProgress = (p: CopyProgress) => {
+    if (jsonLines) return p.phase === 'done' ? jsonLines.final(p) : jsonLines.push(p);
+    lastProgress = p;
+    report(progressPercent(p));
   };
 
   let summary: CopySummary;
   try {
     summary = await copy(src, dst, {
       ...options,
-      onProgress: progress !== undefined ? (done, total) => report(total ? Math.min(100, Math.floor((done * 100) / total)) : 0) : undefined,
+      onProgress: progress !== undefined ? (_done, _total, p) => onProgress(p) : undefined,
       onOpen: verbose
         ? (s, d) => {
             process.stderr.write(`nbdstream: source ${capabilityLine(s)}\n`);
@@ -186,18 +258,50 @@ async function main(): Promise<void> {
         : undefined,
     });
   } catch (err) {
+    jsonLines?.cancel();
     if (progress === '' && lastPercent >= 0) process.stderr.write('\n');
     const e = err instanceof NbdStreamError ? err : new NbdStreamError('ERR_IO', (err as Error)?.message ?? String(err));
     fail(e.describe());
   }
-  report(100);
+  if (!progressJson) report(100);
   if (progress === '') process.stderr.write('\n');
   if (verbose) {
     const s = summary;
     process.stderr.write(
-      `nbdstream: copied ${s.size} bytes in ${s.elapsed.toFixed(3)} s: read ${s.bytesRead}, written ${s.bytesWritten}, zeroed ${s.bytesZeroed}, skipped ${s.bytesSkipped}; requests read=${s.requests.read} write=${s.requests.write} zero=${s.requests.zero} extents=${s.requests.extents}${s.extentErrors ? `; ${s.extentErrors} extent queries failed (copied as data)` : ''}\n`,
+      `nbdstream: copied ${s.size} bytes in ${s.elapsed.toFixed(3)} s: read ${s.bytesRead}, written ${s.bytesWritten}, zeroed ${s.bytesZeroed}, skipped ${s.bytesSkipped}; requests read=${s.requests.read} write=${s.requests.write} zero=${s.requests.zero} extents=${s.requests.extents}${s.extentErrors ? `; ${s.extentErrors} extent queries failed (copied as data)` : ''}${s.blkhash ? `; blkhash ${s.blkhash.algorithm}/${s.blkhash.blockSize} ${s.blkhash.digest}` : ''}${s.verified ? '; verified' : ''}\n`,
     );
   }
+  if (blkhash && summary.blkhash) {
+    const line = `${summary.blkhash.digest}\n`;
+    if (blkhashFile === undefined) process.stdout.write(line);
+    else {
+      try {
+        fs.writeFileSync(blkhashFile, line);
+      } catch (err) {
+        fail(`${blkhashFile}: cannot write the block hash: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      }
+    }
+  }
+  if (summaryJson) process.stdout.write(JSON.stringify(summaryObject(summary, describeSpec(src), describeSpec(dst))) + '\n');
+}
+
+/** The --summary=json object. */
+function summaryObject(s: CopySummary, source: string, destination: string): Record<string, unknown> {
+  return {
+    source,
+    destination,
+    size: s.size,
+    bytes_read: s.bytesRead,
+    bytes_written: s.bytesWritten,
+    bytes_zeroed: s.bytesZeroed,
+    bytes_skipped: s.bytesSkipped,
+    requests: { ...s.requests },
+    extent_errors: s.extentErrors,
+    elapsed_s: Math.round(s.elapsed * 1000) / 1000,
+    rate: s.elapsed > 0 ? Math.round(s.size / s.elapsed) : 0,
+    ...(s.blkhash && { blkhash: { algorithm: s.blkhash.algorithm, block_size: s.blkhash.blockSize, digest: s.blkhash.digest } }),
+    ...(s.verified !== undefined && { verified: s.verified }),
+  };
 }
 
 /**
@@ -205,6 +309,7 @@ async function main(): Promise<void> {
  * which resolves with the exit status); anything else is a copy.
  */
 const SUBCOMMANDS: Record<string, () => Promise<{ run(args: string[]): Promise<number> }>> = {
+  compare: () => import('./compare.js'),
   serve: () => import('./serve.js'),
 };
 

@@ -1,7 +1,9 @@
 /**
  * copy(src, dst, options): open the endpoints, check the target, compose
  * ExtentSource -> ZeroDetect -> Sink, and resolve with a summary. Endpoints given as specs are
- * opened and closed here; Endpoint objects passed in are left open.
+ * opened and closed here; Endpoint objects passed in are left open. With `blkhash` (or `verify`)
+ * a BlkhashStream between the source and ZeroDetect hashes the source on the way; `verify`
+ * re-reads the target afterwards and checks it against that digest.
  */
 import { pipelinePromise } from 'streamx';
 import { NbdStreamError, asNbdStreamError } from './errors.js';
@@ -11,6 +13,9 @@ import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE, ExtentSource } from './stream
 import { Sink } from './streams/sink.js';
 import { newStats, type CopyStats } from './streams/stats.js';
 import { ZeroDetect } from './streams/zero-detect.js';
+import { BlkhashStream, blkhashSpec, type BlkhashOptions, type BlkhashResult } from './blkhash.js';
+import { ProgressTracker, type CopyProgress } from './progress.js';
+import { checkVerifiable, verifyCopy } from './verify.js';
 
 export interface CopyOptions {
   /** Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). */
@@ -37,8 +42,30 @@ export interface CopyOptions {
   timeout?: number;
   /** NBD: after a lost connection, reconnect and resend each affected request up to N times. */
   retries?: number;
-  /** Progress: bytes done of total (total undefined for sources of unknown size). */
-  onProgress?: (done: number, total: number | undefined) => void;
+  /** A pipe target ("-", FIFO): 'raw' bytes (default) or the 'extents' stream (docs/extent-stream.md). */
+  pipeFormat?: 'raw' | 'extents';
+  /** A pipe source: force 'raw' or 'extents' (default: detected by the stream's header). */
+  sourcePipeFormat?: 'raw' | 'extents';
+  /**
+   * NBD source: copy only the ranges dirty in qemu:dirty-bitmap:NAME (each as data or zero by
+   * base:allocation) and leave the rest of the target as it is (files are not truncated).
+   */
+  dirtyBitmap?: string;
+  /**
+   * Compute the source's block hash while copying (true: sha256 with 64 KiB blocks; or
+   * "ALG[/BLOCKSIZE]", or {algorithm, blockSize}); the summary's `blkhash` holds the digest.
+   */
+  blkhash?: boolean | string | BlkhashOptions;
+  /**
+   * After the copy, re-read the target (its data extents) and check its block hash against the
+   * source's; a mismatch fails with ERR_VERIFY at the first differing offset.
+   */
+  verify?: boolean;
+  /**
+   * Progress: bytes done of total (total undefined for sources of unknown size), and the full
+   * report (phase, rates, counters) — called as work completes, ending with phase "done".
+   */
+  onProgress?: (done: number, total: number | undefined, progress: CopyProgress) => void;
   /** Called once both endpoints are open (e.g. to print -v details). */
   onOpen?: (src: Endpoint, dst: Endpoint) => void;
 }
@@ -46,6 +73,10 @@ export interface CopyOptions {
 export interface CopySummary extends CopyStats {
   size: number;
   elapsed: number;
+  /** The source's block hash (with the blkhash or verify option). */
+  blkhash?: BlkhashResult;
+  /** True when verify was asked and the target read back as the source. */
+  verified?: boolean;
 }
 
 export function checkRequestSize(n: number): void {
@@ -64,22 +95,29 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const allocated = options.allocated ?? false;
   const sparse = allocated ? 0 : options.sparse ?? 4096;
   const openOpts = { connections, requests, queueSize, timeout: options.timeout, retries: options.retries };
+  const hashSpec = (options.blkhash !== undefined && options.blkhash !== false) || options.verify ? blkhashSpec(options.blkhash) : undefined;
 
   const opened: Endpoint[] = [];
   const isEndpoint = (x: unknown): x is Endpoint => typeof x === 'object' && x !== null && !Array.isArray(x);
   try {
-    const s = isEndpoint(src) ? src : await openEndpoint(src, 'source', openOpts);
+    const s = isEndpoint(src) ? src : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap });
     if (!isEndpoint(src)) opened.push(s);
-    const d = isEndpoint(dst) ? dst : await openEndpoint(dst, 'target', { ...openOpts, sourceSize: s.size });
+    // a partial source (dirty bitmap, incremental extent stream) updates the target in place
+    const d = isEndpoint(dst) ? dst : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial });
     if (!isEndpoint(dst)) opened.push(d);
     if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });
     if (s.size !== undefined && d.size !== undefined && d.size < s.size)
       throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${d.size} < ${s.size} bytes)`, { endpoint: d.name });
+    if (options.verify) checkVerifiable(s, d);
     options.onOpen?.(s, d);
 
     const stats = newStats();
     const source = new ExtentSource(s, { requestSize, requests, queueSize, extents: !options.noExtents, stats });
     const total = s.size;
+    const onProgress = options.onProgress;
+    const tracker = onProgress ? new ProgressTracker(stats, total, options.verify ?? false, (p) => onProgress(p.bytes_done, p.bytes_total ?? undefined, p)) : undefined;
+    tracker?.copied(0);
+    const hash = hashSpec ? new BlkhashStream(hashSpec, queueSize) : undefined;
     const sink = new Sink(d, {
       requestSize,
       requests,
@@ -88,15 +126,24 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
       destinationIsZero: options.destinationIsZero,
       flush: options.flush,
       stats,
-      onProgress: options.onProgress ? (done) => options.onProgress!(done, total) : undefined,
+      onProgress: tracker ? (done) => tracker.copied(done) : undefined,
     });
-    await pipelinePromise(source, new ZeroDetect(sparse, queueSize), sink);
-    const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
+    if (hash) await pipelinePromise(source, hash, new ZeroDetect(sparse, queueSize), sink);
+    else await pipelinePromise(source, new ZeroDetect(sparse, queueSize), sink);
     const size = s.size ?? stats.bytesRead;
+    const blkhash = hash ? { ...hash.hasher.spec, digest: hash.hasher.digest() } : undefined;
+    let verified: boolean | undefined;
+    if (options.verify) {
+      tracker?.startVerify(size);
+      await verifyCopy(s, d, size, blkhash!, { requestSize, requests, queueSize, onProgress: tracker ? (n) => tracker.verified(n) : undefined });
+      verified = true;
+    }
+    const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
     // close before reporting success: a failure to close (e.g. lost writes) is a failure
     const toClose = opened.splice(0);
     for (const ep of toClose) await ep.close();
-    return { ...stats, size, elapsed };
+    tracker?.finish(size);
+    return { ...stats, size, elapsed, ...(blkhash && { blkhash }), ...(verified !== undefined && { verified }) };
   } catch (err) {
     throw asNbdStreamError(err, 'ERR_IO');
   } finally {

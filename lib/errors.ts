@@ -17,7 +17,8 @@ export type ErrorCode =
   | 'ERR_CLOSED' // connection closed while requests were pending
   | 'ERR_TIMEOUT'
   | 'ERR_IO' // local file or device error
-  | 'ERR_TARGET_TOO_SMALL';
+  | 'ERR_TARGET_TOO_SMALL'
+  | 'ERR_VERIFY'; // --verify: the target does not read back as the source
 
 export interface ErrorDetails {
   /** Which endpoint (URI or path) the error concerns. */

@@ -23,6 +23,11 @@ export interface Chunk {
 /** Work range: requests never cross a multiple of this (nbdcopy's THREAD_WORK_SIZE). */
 export const WORK_RANGE = 128 * 1024 * 1024;
 
+/** Runs that may merge: both zero or both data, and both skipped or both not. */
+export function sameKind(a: ExtentRun, b: ExtentRun): boolean {
+  return a.zero === b.zero && !a.skip === !b.skip;
+}
+
 /**
  * Clip runs to [offset, offset+length) and merge adjacent runs of the same kind. Runs must be
  * consecutive and start at or before `offset`; zero-length or backwards runs are a protocol error.
@@ -43,8 +48,8 @@ export function clipExtents(runs: ExtentRun[], offset: number, length: number, e
       continue;
     }
     const last = out[out.length - 1];
-    if (last && last.zero === r.zero && last.offset + last.length === s) last.length += e - s;
-    else out.push({ offset: s, length: e - s, zero: r.zero });
+    if (last && sameKind(last, r) && last.offset + last.length === s) last.length += e - s;
+    else out.push(r.skip ? { offset: s, length: e - s, zero: r.zero, skip: true } : { offset: s, length: e - s, zero: r.zero });
   }
   if (out.length && out[0].offset !== offset)
     throw new NbdStreamError('ERR_PROTOCOL', `extents start at ${out[0].offset}, not at the requested ${offset}`, { endpoint, offset });
@@ -141,7 +146,7 @@ export class ExtentMap {
       const clipped = clipExtents(got, from, this.size - from, this.ep.name);
       for (const r of clipped) {
         const last = this.runs[this.runs.length - 1];
-        if (last && last.zero === r.zero && last.offset + last.length === r.offset) last.length += r.length;
+        if (last && sameKind(last, r) && last.offset + last.length === r.offset) last.length += r.length;
         else this.runs.push({ ...r });
       }
       this.known = clipped.length ? clipped[clipped.length - 1].offset + clipped[clipped.length - 1].length : from;

@@ -1,9 +1,31 @@
 /** nbdstream public API. */
 export { NbdStreamError, type ErrorCode } from './errors.js';
 export { copy, type CopyOptions, type CopySummary } from './copy.js';
+export { copyProgress, type CopyProgressOptions } from './copy-progress.js';
+export { ProgressTracker, throttle, progressPercent, type CopyProgress, type CopyPhase } from './progress.js';
+export {
+  BlockHasher,
+  BlkhashStream,
+  blkhashBuffer,
+  hashEndpoint,
+  parseBlkhash,
+  zeroBlockDigest,
+  BLKHASH_ALGORITHMS,
+  DEFAULT_BLKHASH,
+  type BlkhashAlgorithm,
+  type BlkhashOptions,
+  type BlkhashResult,
+  type BlkhashSpec,
+  type HashEndpointOptions,
+} from './blkhash.js';
+export { compare, compareEndpoints, endpointView, type CompareOptions, type CompareResult } from './compare.js';
+export { verifyCopy } from './verify.js';
 export { WORK_RANGE, clipExtents, ExtentMap, type Chunk } from './extents.js';
 export { ExtentSource, type ExtentSourceOptions } from './streams/extent-source.js';
 export { ZeroDetect, splitZeroBlocks } from './streams/zero-detect.js';
+export { ExtentEncoder, ExtentDecoder, type ExtentEncoderOptions, type ExtentDecoderOptions } from './streams/extent-format.js';
+export { ExtentFrameEncoder, ExtentFrameDecoder, encodeExtentStream, decodeExtentStream, type ExtentStreamHeader, type DecodeResult } from './streams/extent-codec.js';
+export { ExtentStreamSource, ExtentStreamTarget, openStreamSource } from './endpoints/extent-pipe.js';
 export { Sink, type SinkOptions } from './streams/sink.js';
 export { newStats, type CopyStats } from './streams/stats.js';
 export type { Endpoint, Capabilities, ExtentRun, ReadResult as EndpointReadResult, ZeroOptions as EndpointZeroOptions, OpenOptions } from './endpoints/endpoint.js';

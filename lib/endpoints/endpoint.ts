@@ -4,6 +4,7 @@
  * fallback here (extents -> one data extent, zero -> write zero buffers).
  */
 import { NbdStreamError } from '../errors.js';
+import type { Chunk } from '../extents.js';
 
 export interface Capabilities {
   /** extents() gives real allocation information. */
@@ -23,13 +24,23 @@ export interface Capabilities {
   /** Random access; false for pipes and stdin/stdout (offsets must then be sequential). */
   seekable: boolean;
   readOnly: boolean;
+  /**
+   * The source describes only part of the image (a dirty bitmap, an incremental extent stream):
+   * ranges it skips must be left as they are on the target, so the target is opened without
+   * truncation (OpenOptions.update).
+   */
+  partial?: boolean;
 }
 
-/** A run of the endpoint: `zero` means it is known to read as zeroes. */
+/**
+ * A run of the endpoint: `zero` means it is known to read as zeroes; `skip` means it is not part
+ * of this copy (clean in a dirty bitmap): nothing is read, written or zeroed there.
+ */
 export interface ExtentRun {
   offset: number;
   length: number;
   zero: boolean;
+  skip?: boolean;
 }
 
 export interface Range {
@@ -68,6 +79,18 @@ export interface Endpoint {
   zero(offset: number, length: number, options?: ZeroOptions): Promise<void>;
   flush(): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Optional, sources: the contents arrive as a stream of chunks in offset order (an extent-format
+   * pipe). ExtentSource then forwards these instead of asking extents() and read(); gaps between
+   * chunks are ranges to skip (see `capabilities.partial`). Iterated at most once.
+   */
+  chunks?(): AsyncIterable<Chunk>;
+  /**
+   * Optional, targets: called once by the Sink after every write and zero of a copy has completed
+   * successfully (before flush). A stream target writes its trailer here; close() without
+   * finish() marks the output as incomplete.
+   */
+  finish?(): Promise<void>;
 }
 
 export type OpenMode = 'source' | 'target';
@@ -85,7 +108,21 @@ export interface OpenOptions {
   timeout?: number;
   /** NBD: reconnect and resend a request up to this many times after a lost connection. */
   retries?: number;
+  /**
+   * Pipes ("-", FIFOs): 'raw' bytes or the 'extents' stream format (docs/extent-stream.md). A
+   * source without it detects the format by the stream's header; a target defaults to raw.
+   */
+  pipeFormat?: PipeFormat;
+  /** NBD source: also negotiate qemu:dirty-bitmap:NAME and describe only its dirty ranges. */
+  dirtyBitmap?: string;
+  /**
+   * Target: keep what is there (the source is partial): files are opened without truncation and
+   * must exist and be large enough; a pipe target must use the extents format.
+   */
+  update?: boolean;
 }
+
+export type PipeFormat = 'raw' | 'extents';
 
 const ZERO_BUFFER_SIZE = 1024 * 1024;
 let zeroBuffer: Buffer | undefined;

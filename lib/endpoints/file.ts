@@ -6,6 +6,8 @@
  *    as zeroes (isZeroInitialised) and the copier can skip zero requests. Without a source size
  *    (a pipe source) the file is truncated to 0, grows with the writes, and is *not* reported as
  *    zero-initialised: a trailing zero run must still reach zero(), which extends the file.
+ *  - 'update' (incremental copies, the built-in server): an existing file or device opened
+ *    read-write as it is — never created, truncated or reported as zero-initialised.
  *  - zero() never leaves a range un-zeroed: fallocate(PUNCH_HOLE) (ZERO_RANGE with `allocate`) on
  *    files, BLKZEROOUT on block devices, else zero buffers are written. BLKDISCARD is never used
  *    for zeroes (read-after-discard is unspecified).
@@ -244,14 +246,21 @@ export class FileEndpoint implements Endpoint {
   }
 }
 
+/** 'update': an existing file or device opened read-write as it is (never created or truncated). */
+export type FileOpenMode = OpenMode | 'update';
+
 /**
  * Open a regular file or a block device. Sources are opened read-only; regular-file targets are
  * created if missing and truncated to `opts.sourceSize`; block-device targets keep their size
- * (and must be at least `opts.sourceSize`). FIFOs, character devices and sockets belong to the
- * pipe endpoint and are refused here with ERR_USAGE.
+ * (and must be at least `opts.sourceSize`). 'update' opens an existing file or device read-write
+ * without creating or truncating it (incremental copies, the built-in server): its contents are
+ * kept, it is not zero-initialised, and it must be at least `opts.sourceSize` bytes. FIFOs,
+ * character devices and sockets belong to the pipe endpoint and are refused here with ERR_USAGE.
  */
-export async function openFile(path: string, mode: OpenMode, opts: OpenOptions = {}): Promise<FileEndpoint> {
-  if (mode !== 'source' && mode !== 'target') throw new NbdStreamError('ERR_USAGE', `bad open mode ${String(mode)}`, { endpoint: path });
+export async function openFile(path: string, openMode: FileOpenMode, opts: OpenOptions = {}): Promise<FileEndpoint> {
+  if (openMode !== 'source' && openMode !== 'target' && openMode !== 'update') throw new NbdStreamError('ERR_USAGE', `bad open mode ${String(openMode)}`, { endpoint: path });
+  const update = openMode === 'update';
+  const mode: OpenMode = update ? 'target' : openMode;
   const sourceSize = opts.sourceSize;
   if (sourceSize !== undefined && (!Number.isSafeInteger(sourceSize) || sourceSize < 0)) {
     throw new NbdStreamError('ERR_USAGE', `bad source size ${sourceSize}`, { endpoint: path });
@@ -268,6 +277,7 @@ export async function openFile(path: string, mode: OpenMode, opts: OpenOptions =
   } catch (err) {
     if (err instanceof NbdStreamError) throw err;
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || mode === 'source') throw openError(path, mode, err);
+    if (update) throw openError(path, 'source', err); // nothing to update: "cannot open: ENOENT ..." 
     exists = false;
   }
 
@@ -299,6 +309,13 @@ export async function openFile(path: string, mode: OpenMode, opts: OpenOptions =
       throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
     }
     if (mode === 'source') return new FileEndpoint(fh, path, mode, 'file', Number(st.size), blksize, false);
+    if (update) {
+      const size = Number(st.size);
+      if (sourceSize !== undefined && size < sourceSize) {
+        throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
+      }
+      return new FileEndpoint(fh, path, mode, 'file', size, blksize, false);
+    }
 
     // Regular-file target: drop old contents so it is all hole, then extend to the source size.
     try {

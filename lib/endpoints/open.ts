@@ -1,7 +1,9 @@
 /**
  * openEndpoint(spec, mode): choose the endpoint kind from its spec — an NBD URI, `null:`, `-`,
  * `[ CMD ARGS ]` (given as an argv array), or a path (regular file or block device; FIFOs,
- * character devices and sockets are pipes).
+ * character devices and sockets are pipes). Pipes read or write raw bytes or the extent stream
+ * format (opts.pipeFormat; a source detects it); a target opened with opts.update keeps its
+ * contents (files are not truncated); opts.dirtyBitmap applies to NBD sources.
  */
 import * as fs from 'node:fs';
 import { promisify } from 'node:util';
@@ -18,6 +20,7 @@ export function describeSpec(spec: EndpointSpec): string {
 }
 
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
+  if (mode !== 'source' && opts.dirtyBitmap !== undefined) opts = { ...opts, dirtyBitmap: undefined };
   if (Array.isArray(spec)) {
     const name = describeSpec(spec);
     const [{ startActivated }, { openNbd }] = await Promise.all([import('./command.js'), import('./nbd.js')]);
@@ -35,9 +38,12 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
     if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination, not a source');
     return (await import('./null.js')).openNull();
   }
+  if (opts.dirtyBitmap !== undefined && mode === 'source')
+    throw new NbdStreamError('ERR_USAGE', `--dirty-bitmap needs an NBD source (qemu:dirty-bitmap:${opts.dirtyBitmap}), not ${spec === '-' ? 'a pipe' : 'a file'}`, { endpoint: spec });
+  const pipeOpts = { format: opts.pipeFormat, size: opts.sourceSize, update: opts.update };
   if (spec === '-') {
     const { openPipe } = await import('./pipe.js');
-    return mode === 'source' ? openPipe(0, '-', 'source') : openPipe(1, '-', 'target');
+    return mode === 'source' ? openPipe(0, '-', 'source', pipeOpts) : openPipe(1, '-', 'target', pipeOpts);
   }
   let st: fs.Stats | undefined;
   try {
@@ -48,7 +54,8 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
   if (st && (st.isFIFO() || st.isCharacterDevice() || st.isSocket())) {
     // async open: opening a FIFO waits for its other end, which must not block the event loop
     const fd = await promisify(fs.open)(spec, mode === 'source' ? 'r' : 'w');
-    return (await import('./pipe.js')).openPipe(fd, spec, mode);
+    return (await import('./pipe.js')).openPipe(fd, spec, mode, pipeOpts);
   }
-  return (await import('./file.js')).openFile(spec, mode, opts);
+  // a partial source (dirty bitmap, incremental stream) updates an existing file in place
+  return (await import('./file.js')).openFile(spec, mode === 'target' && opts.update ? 'update' : mode, opts);
 }

@@ -29,6 +29,7 @@ import {
   type Endpoint,
   type ExtentRun,
   type OpenMode,
+  type PipeFormat,
   type ReadResult,
 } from './endpoint.js';
 
@@ -38,7 +39,7 @@ const STREAM_HWM = 1 * MiB;
 const ZERO_PIECE = 1 * MiB;
 let zeroPiece: Buffer | undefined;
 
-function pipeError(op: string, err: unknown, endpoint: string, offset?: number): NbdStreamError {
+export function pipeError(op: string, err: unknown, endpoint: string, offset?: number): NbdStreamError {
   if (err instanceof NbdStreamError) return err;
   return new NbdStreamError('ERR_IO', `${op} failed: ${errnoText(err)}`, { endpoint, offset, cause: err });
 }
@@ -49,7 +50,7 @@ function checkRange(name: string, offset: number, length: number): void {
   }
 }
 
-function isStdio(s: unknown): boolean {
+export function isStdio(s: unknown): boolean {
   return s === process.stdin || s === process.stdout || s === process.stderr;
 }
 
@@ -70,14 +71,14 @@ function capabilities(target: boolean): Capabilities {
 }
 
 /** A readable stream over `fd`: libuv pipe/socket handles for FIFOs and sockets, else fs reads. */
-function readableFromFd(fd: number): Readable {
+export function readableFromFd(fd: number): Readable {
   if (fd === 0) return process.stdin;
   const st = fstatSync(fd);
   if (st.isFIFO() || st.isSocket()) return new Socket({ fd, readable: true, writable: false });
   return createReadStream('', { fd, highWaterMark: STREAM_HWM, autoClose: true });
 }
 
-function writableFromFd(fd: number): Writable {
+export function writableFromFd(fd: number): Writable {
   if (fd === 1) return process.stdout;
   if (fd === 2) return process.stderr;
   const st = fstatSync(fd);
@@ -113,9 +114,11 @@ export class PipeSource implements Endpoint {
     this.wake();
   };
 
-  constructor(stream: Readable, name: string) {
+  /** `prefix`: bytes already taken from the stream (format detection), read first. */
+  constructor(stream: Readable, name: string, prefix?: Buffer) {
     this.stream = stream;
     this.name = name;
+    if (prefix?.length) this.leftover = prefix;
     stream.on('readable', this.onReadable);
     stream.on('end', this.onEnd);
     stream.on('error', this.onError);
@@ -414,27 +417,46 @@ export class PipeTarget implements Endpoint {
   }
 }
 
+/** How to open a pipe: its format, and for targets what the extent stream header says. */
+export interface PipeOpenOptions {
+  /** 'raw' bytes or the 'extents' stream; a source detects it when not given, a target is raw. */
+  format?: PipeFormat;
+  /** Target, extents: the image size for the header (the source's, when known). */
+  size?: number;
+  /** Target: the source is partial (keep the far side's other ranges): needs the extents format. */
+  update?: boolean;
+}
+
 /**
  * Open a pipe endpoint over an fd (0 = process.stdin, 1 = process.stdout; other fds are owned and
  * closed by close()) or a node stream (ended/destroyed by close() unless it is a process stdio
- * stream). `name` is used in messages ("-" for stdin/stdout).
+ * stream). `name` is used in messages ("-" for stdin/stdout). With the extents format (or, for a
+ * source, when its first bytes are an extent stream header) the endpoint reads or writes
+ * docs/extent-stream.md instead of raw bytes (lib/endpoints/extent-pipe.ts).
  */
-export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: 'source'): Promise<PipeSource>;
-export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: 'target'): Promise<PipeTarget>;
-export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: OpenMode): Promise<PipeSource | PipeTarget>;
-export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: OpenMode): Promise<PipeSource | PipeTarget> {
+export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: 'source', o?: PipeOpenOptions): Promise<Endpoint>;
+export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: 'target', o?: PipeOpenOptions): Promise<Endpoint>;
+export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: OpenMode, o?: PipeOpenOptions): Promise<Endpoint>;
+export async function openPipe(fdOrStream: number | Readable | Writable, name: string, mode: OpenMode, o: PipeOpenOptions = {}): Promise<Endpoint> {
+  if (o.format !== undefined && o.format !== 'raw' && o.format !== 'extents')
+    throw new NbdStreamError('ERR_USAGE', `bad pipe format "${String(o.format)}" (expected raw or extents)`, { endpoint: name });
+  if (mode === 'target' && o.update && o.format !== 'extents')
+    throw new NbdStreamError('ERR_USAGE', 'the source is partial (a dirty bitmap): a raw pipe cannot leave ranges untouched; use --pipe-format=extents', { endpoint: name });
+  let stream: Readable | Writable;
   try {
-    if (mode === 'source') {
-      const stream = typeof fdOrStream === 'number' ? readableFromFd(fdOrStream) : (fdOrStream as Readable);
-      return new PipeSource(stream, name);
-    }
-    if (mode === 'target') {
-      const own = typeof fdOrStream !== 'number' || fdOrStream > 2;
-      const stream = typeof fdOrStream === 'number' ? writableFromFd(fdOrStream) : (fdOrStream as Writable);
-      return new PipeTarget(stream, name, own);
-    }
+    if (mode === 'source') stream = typeof fdOrStream === 'number' ? readableFromFd(fdOrStream) : (fdOrStream as Readable);
+    else if (mode === 'target') stream = typeof fdOrStream === 'number' ? writableFromFd(fdOrStream) : (fdOrStream as Writable);
+    else throw new NbdStreamError('ERR_USAGE', `bad open mode ${String(mode)}`, { endpoint: name });
   } catch (err) {
     throw pipeError('open', err, name);
   }
-  throw new NbdStreamError('ERR_USAGE', `bad open mode ${String(mode)}`, { endpoint: name });
+  if (mode === 'source') {
+    if (o.format === 'raw') return new PipeSource(stream as Readable, name);
+    return (await import('./extent-pipe.js')).openStreamSource(stream as Readable, name, o.format);
+  }
+  const own = typeof fdOrStream !== 'number' || fdOrStream > 2;
+  const target = new PipeTarget(stream as Writable, name, own);
+  if (o.format !== 'extents') return target;
+  const { ExtentStreamTarget } = await import('./extent-pipe.js');
+  return new ExtentStreamTarget(target, { size: o.size, incremental: o.update });
 }

@@ -356,6 +356,39 @@ export class NbdClient {
     return out;
   }
 
+  /**
+   * NBD_CMD_BLOCK_STATUS answered for several negotiated contexts at once (the server sends a
+   * chunk for every negotiated context in each reply). Each list starts at `offset` and is
+   * consecutive; the lists may cover different lengths. A context missing from the reply is a
+   * protocol error.
+   */
+  async blockStatusContexts(offset: number, length: number, contexts: string[]): Promise<Map<string, BlockStatusExtent[]>> {
+    const ids = contexts.map((c) => {
+      const id = this.metaContexts.get(c);
+      if (id === undefined) throw this.unsupported(`meta context ${c}`, offset);
+      return id;
+    });
+    this.check(NBD_CMD_BLOCK_STATUS, offset, length, false);
+    const len = Math.min(length, this.maxLength);
+    const r = await this.send(NBD_CMD_BLOCK_STATUS, 0, offset, len, undefined, undefined, ids[0]);
+    const out = new Map<string, BlockStatusExtent[]>();
+    contexts.forEach((c, i) => {
+      const ex = i === 0 ? r.extents! : r.otherExtents?.get(ids[i]);
+      if (!ex)
+        throw new NbdStreamError('ERR_PROTOCOL', `block status reply at offset ${offset} has no extents for ${c}`, { endpoint: this.endpoint, offset, command: 'NBD_CMD_BLOCK_STATUS' });
+      const list: BlockStatusExtent[] = [];
+      let o = offset;
+      for (const e of ex) {
+        if (o >= this.size) break;
+        const l = Math.min(e.length, this.size - o);
+        list.push({ offset: o, length: l, flags: e.flags });
+        o += l;
+      }
+      out.set(c, list);
+    });
+    return out;
+  }
+
   private closing = false;
 
   /** Wait for all replies, disconnect every connection. */

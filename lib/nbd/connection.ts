@@ -49,6 +49,8 @@ class Request implements PendingRequest {
   error: NbdStreamError | undefined;
   extents: Extent[] | undefined;
   contextId = 0;
+  /** Block status chunks for the other negotiated contexts (the server sends one per context). */
+  otherExtents: Map<number, Extent[]> | undefined;
   constructor(
     readonly cookie: number,
     readonly type: number,
@@ -271,8 +273,11 @@ export class NbdConnection implements ReplyHandler {
 
   onBlockStatus(cookie: number, contextId: number, extents: Extent[]): void {
     const r = this.pending.get(cookie)!;
-    if (contextId !== r.contextId) return this.protocolViolation(`block status for context id ${contextId}, which was not asked for`);
-    if (r.extents) return this.protocolViolation('two block status chunks for one context');
+    const other = contextId !== r.contextId;
+    // a reply carries one chunk per negotiated context; any other id was never asked for
+    if (other && ![...this.info.metaContexts.values()].includes(contextId))
+      return this.protocolViolation(`block status for context id ${contextId}, which was not asked for`);
+    if (other ? r.otherExtents?.has(contextId) : r.extents) return this.protocolViolation('two block status chunks for one context');
     let end = r.offset;
     for (let i = 0; i < extents.length; i++) {
       if (extents[i].length === 0) return this.protocolViolation(`block status extent ${i} at offset ${end} has zero length`);
@@ -280,7 +285,8 @@ export class NbdConnection implements ReplyHandler {
         return this.protocolViolation(`block status extent ${i} at offset ${end} goes past the requested range`);
       end += extents[i].length;
     }
-    r.extents = extents;
+    if (other) (r.otherExtents ??= new Map()).set(contextId, extents);
+    else r.extents = extents;
   }
 
   onError(cookie: number, errno: number, message: string, offset: number | undefined): void {

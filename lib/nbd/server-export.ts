@@ -2,10 +2,8 @@
  * What `nbdstream serve` exports: a regular file or block device opened in place (read-write
  * unless read-only, never truncated), or `memory:` — a sparse in-memory image of a given size.
  */
-import * as fs from 'node:fs';
-import { open } from 'node:fs/promises';
 import { NbdStreamError } from '../errors.js';
-import { FileEndpoint, openFile } from '../endpoints/file.js';
+import { openFile } from '../endpoints/file.js';
 import type { Capabilities, Endpoint, ExtentRun, ReadResult, ZeroOptions } from '../endpoints/endpoint.js';
 
 const PAGE = 64 * 1024;
@@ -128,22 +126,17 @@ export async function openServedEndpoint(spec: string, o: ServeOpenOptions = {})
     return new SparseMemoryEndpoint(o.size, spec);
   }
   if (o.size !== undefined) throw new NbdStreamError('ERR_USAGE', '--size only applies to memory:', { endpoint: spec });
-  // openFile as a source: stat checks (no FIFOs, directories ...), size (BLKGETSIZE64 for
-  // devices), kind, block size. It opens read-only, which is all a read-only export needs.
-  const probe = await openFile(spec, 'source');
-  if (o.readOnly) return probe;
-  const { kind, size } = probe;
-  const blockSize = probe.capabilities.preferredBlockSize;
-  await probe.close();
-  // Read-write in place: FileEndpoint's 'target' mode writes and zeroes (punch hole, ZERO_RANGE,
-  // BLKZEROOUT); opening it ourselves skips openFile's target truncation.
-  let fh;
+  // openFile: stat checks (no FIFOs, directories ...), size (BLKGETSIZE64 for devices), kind,
+  // block size. Read-write exports use its 'update' mode: in place, never created or truncated;
+  // zeroes punch holes / ZERO_RANGE / BLKZEROOUT.
+  if (o.readOnly) return openFile(spec, 'source');
   try {
-    fh = await open(spec, fs.constants.O_RDWR);
+    return await openFile(spec, 'update');
   } catch (err) {
-    const e = err as NodeJS.ErrnoException;
-    const hint = e.code === 'EACCES' || e.code === 'EROFS' || e.code === 'EPERM' ? ' (use --read-only to export it read-only)' : '';
-    throw new NbdStreamError('ERR_IO', `cannot open for writing: ${e.code ?? e.message}${hint}`, { endpoint: spec, cause: err });
+    const code = ((err as NbdStreamError).cause as NodeJS.ErrnoException | undefined)?.code;
+    if (err instanceof NbdStreamError && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
+      throw new NbdStreamError(err.code, `${err.message} (use --read-only to export it read-only)`, { endpoint: spec, cause: err.cause });
+    }
+    throw err;
   }
-  return new FileEndpoint(fh, spec, 'target', kind, size, blockSize, false);
 }

@@ -9,6 +9,11 @@
  * chunks. Failure to get extents makes the work range data; failure to read destroys the stream
  * (a read error never becomes zeroes). Up to `requests` reads are in flight, bounded by
  * `queueSize` bytes; chunks are still emitted in order.
+ *
+ * Runs marked `skip` (clean in a dirty bitmap) produce no chunks at all: pieces are cut at their
+ * edges, pending runs end before them, and the target is left alone there. A source that
+ * provides `chunks()` (an extent-format pipe) is not planned at all: its chunks are forwarded in
+ * order as they arrive.
  */
 import { Readable } from 'streamx';
 import { NbdStreamError } from '../errors.js';
@@ -34,7 +39,7 @@ export interface ExtentSourceOptions {
   stats?: CopyStats;
 }
 
-type Piece = { kind: 'zero' | 'data'; offset: number; length: number };
+type Piece = { kind: 'zero' | 'data'; offset: number; length: number } | { kind: 'chunk'; offset: number; length: number; chunk: Chunk };
 type QueueEntry = { bytes: number; chunks: Chunk[] | undefined };
 
 export const DEFAULT_REQUEST_SIZE = 256 * 1024;
@@ -79,7 +84,7 @@ export class ExtentSource extends Readable {
     this.queueSize = queueSize;
     this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
     this.stats = options.stats ?? newStats();
-    this.plan = src.size === undefined ? this.planStream() : this.planRanges(src.size);
+    this.plan = src.chunks ? this.planChunks(src.chunks()) : src.size === undefined ? this.planStream() : this.planRanges(src.size);
     this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? DEFAULT_READ_SIZE, src.capabilities.maxRequest, this.queueSize));
     this.pool = new BufferPool(this.readSize);
   }
@@ -107,9 +112,29 @@ export class ExtentSource extends Readable {
       let dataEnd = -1;
       let ri = 0;
       for (let p = ws; p < we; ) {
-        const pe = Math.min(p + rs, we);
+        // pieces are request-size aligned from the work range start; after a skipped run they
+        // resume at the next aligned boundary, and they end where a skipped run begins
+        let pe = Math.min(p - ((p - ws) % rs) + rs, we);
         while (runs[ri].offset + runs[ri].length <= p) ri++;
         const r = runs[ri];
+        if (r.skip) {
+          if (dataStart >= 0) {
+            yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
+            dataStart = -1;
+          }
+          if (zeroStart >= 0) {
+            yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
+            zeroStart = -1;
+          }
+          p = Math.min(r.offset + r.length, we);
+          continue;
+        }
+        for (let k = ri + 1; k < runs.length && runs[k].offset < pe; k++) {
+          if (runs[k].skip) {
+            pe = runs[k].offset;
+            break;
+          }
+        }
         if (r.zero && r.offset + r.length >= pe) {
           // every whole piece inside this zero run joins the pending zero run
           if (dataStart >= 0) {
@@ -117,7 +142,7 @@ export class ExtentSource extends Readable {
             dataStart = -1;
           }
           const zEnd = r.offset + r.length;
-          const last = zEnd >= we ? we : ws + Math.floor((zEnd - ws) / rs) * rs;
+          const last = zEnd >= we ? we : Math.max(pe, ws + Math.floor((zEnd - ws) / rs) * rs);
           if (zeroStart < 0) zeroStart = p;
           zeroEnd = last;
           p = last;
@@ -141,6 +166,11 @@ export class ExtentSource extends Readable {
     if (zeroStart >= 0) yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
   }
 
+  /** Sources that deliver their own chunks (extent-format pipes): forwarded one by one. */
+  private async *planChunks(chunks: AsyncIterable<Chunk>): AsyncGenerator<Piece> {
+    for await (const chunk of chunks) yield { kind: 'chunk', offset: chunk.offset, length: chunk.length, chunk };
+  }
+
   /** Sources of unknown size: sequential data pieces until a short read. */
   private async *planStream(): AsyncGenerator<Piece> {
     for (;;) {
@@ -151,6 +181,13 @@ export class ExtentSource extends Readable {
 
   private async readPiece(p: Piece): Promise<Chunk[]> {
     if (p.kind === 'zero') return [{ offset: p.offset, length: p.length, kind: 'zero' }];
+    if (p.kind === 'chunk') {
+      if (p.chunk.kind === 'data') {
+        this.stats.requests.read++;
+        this.stats.bytesRead += p.length;
+      }
+      return [p.chunk];
+    }
     const stats = this.stats;
     const buf = this.pool.get();
     let r;
@@ -216,7 +253,7 @@ export class ExtentSource extends Readable {
   }
 
   private start(p: Piece): void {
-    const entry: QueueEntry = { bytes: p.kind === 'data' ? p.length : 0, chunks: undefined };
+    const entry: QueueEntry = { bytes: p.kind === 'data' || (p.kind === 'chunk' && p.chunk.kind === 'data') ? p.length : 0, chunks: undefined };
     this.queue.push(entry);
     this.queuedBytes += entry.bytes;
     this.readPiece(p).then(

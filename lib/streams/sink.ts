@@ -2,7 +2,8 @@
  * Sink: a streamx Writable that writes data chunks to a target endpoint and turns zero chunks
  * into zero requests — or into nothing when the target is known to be zero. Several requests are
  * in flight (bounded by count and bytes); the first failure destroys the stream, and the sink
- * finishes only after every request has completed (then flushes, if asked).
+ * finishes only after every request has completed (then calls the target's finish(), if it has
+ * one, and flushes, if asked).
  */
 import { Writable } from 'streamx';
 import { WORK_RANGE, type Chunk } from '../extents.js';
@@ -154,8 +155,13 @@ export class Sink extends Writable {
   override _final(cb: (err: Error | null) => void): void {
     const finish = () => {
       if (this.failure) return cb(this.failure);
-      if (!this.doFlush) return cb(null);
-      this.dst.flush().then(
+      // every request succeeded: a stream target writes its trailer (END) now, and only now
+      const dst = this.dst;
+      if (!dst.finish && !this.doFlush) return cb(null);
+      (async () => {
+        if (dst.finish) await dst.finish();
+        if (this.doFlush) await dst.flush();
+      })().then(
         () => cb(null),
         (err: Error) => cb(err),
       );
