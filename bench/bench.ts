@@ -3,7 +3,7 @@
  * in one run, printing times, speed ratios and peak RSS. The machine is shared and noisy: each
  * case runs every tool REPEAT times (default 3), interleaved, and the best time counts.
  *
- *   npm run bench [-- --repeat N] [-- --only NAME]
+ *   npm run bench [-- --repeat N] [-- --only NAME] [-- --skip NAME]
  *
  * Data lives in /dev/shm (tmpfs) when it exists, so disk speed does not enter. Servers are nbdkit
  * over a private Unix socket started per run with --run, the same for every tool.
@@ -20,6 +20,7 @@ const readExample = path.join(root, 'dist/examples/read-export.js');
 const args = process.argv.slice(2);
 const repeat = Number(args[args.indexOf('--repeat') + 1] || 3) || 3;
 const only = args.includes('--only') ? args[args.indexOf('--only') + 1] : undefined;
+const skip = args.includes('--skip') ? args[args.indexOf('--skip') + 1] : undefined;
 const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
 const dir = fs.mkdtempSync(path.join(base, 'nbdstream-bench-'));
 const dense = path.join(dir, 'dense.img');
@@ -192,7 +193,7 @@ function main(): void {
   execFileSync('sh', ['-c', `for i in $(seq 0 203); do dd if=${dense} of=${s4} bs=1M count=1 skip=$i seek=$((i*20)) conv=notrunc status=none; done`]);
   const rows: string[][] = [['case', 'nbdstream', 'nbdcopy', 'qemu-img', 'speed vs nbdcopy', 'nbdstream RSS', 'nbdstream CPU/GiB', 'nbdcopy CPU/GiB']];
   for (const c of cases) {
-    if (only && !c.name.includes(only)) continue;
+    if ((only && !c.name.includes(only)) || (skip && c.name.includes(skip))) continue;
     const best: Record<string, Run | undefined> = {};
     for (let i = 0; i < repeat; i++) {
       for (const [tool, cmd] of [
