@@ -143,7 +143,7 @@ export async function openNbd(uri: string, opts: OpenOptions = {}, name?: string
     await client.close().catch(() => undefined);
     throw new NbdStreamError(
       'ERR_UNSUPPORTED',
-      `the server does not export dirty bitmap "${bitmap}" (meta context ${dirtyContextName(bitmap)}${client.structuredReplies ? '' : '; no structured replies'}); qemu-nbd exports one with -B ${bitmap}`,
+      `the server does not export dirty bitmap "${bitmap}" (meta context ${dirtyContextName(bitmap)}${client.structuredReplies ? '' : '; no structured replies'})`,
       { endpoint: name ?? uri },
     );
   }

@@ -5,7 +5,8 @@
  *
  * Protocol: fixed newstyle handshake with NBD_OPT_GO / INFO (INFO_EXPORT, INFO_BLOCK_SIZE,
  * INFO_NAME, INFO_DESCRIPTION), LIST, ABORT, EXPORT_NAME, STRUCTURED_REPLY, SET/LIST_META_CONTEXT
- * (base:allocation from the endpoint's extents) and STARTTLS (PSK or X.509; FORCEDTLS with
+ * (base:allocation from the endpoint's extents, qemu:dirty-bitmap:NAME from an export's
+ * dirtyBitmaps) and STARTTLS (PSK or X.509; FORCEDTLS with
  * mode 'require'); anything else is NBD_REP_ERR_UNSUP. Transmission: READ (structured replies:
  * OFFSET_DATA for data, OFFSET_HOLE for ranges the endpoint's extents call zero), WRITE (+FUA),
  * WRITE_ZEROES (NO_HOLE, FAST_ZERO), TRIM, FLUSH, BLOCK_STATUS (REQ_ONE), DISC. Requests run
@@ -125,9 +126,26 @@ const NBD_ERRNO: Record<string, number> = {
   ESHUTDOWN: NBD_ESHUTDOWN,
 };
 
-/** The only meta context served. */
+/** The allocation meta context (always served). */
 export const BASE_ALLOCATION = 'base:allocation';
 const BASE_ALLOCATION_ID = 1;
+/** Prefix of the dirty bitmap meta contexts (`qemu:dirty-bitmap:NAME`); bitmap i of an export has id 2 + i. */
+export const DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+/** NBD_STATE_DIRTY: the qemu:dirty-bitmap status flag. */
+const STATE_DIRTY = 1;
+
+/** A range of a dirty bitmap; `dirty` defaults to true. */
+export interface DirtyRange {
+  offset: number;
+  length: number;
+  dirty?: boolean;
+}
+
+/**
+ * A dirty bitmap: its dirty ranges (everything else is clean), or a function giving the ranges
+ * over [offset, offset + length) (those with `dirty: false` and whatever it leaves out are clean).
+ */
+export type DirtyBitmapSource = DirtyRange[] | ((offset: number, length: number) => Promise<DirtyRange[]> | DirtyRange[]);
 /** Most block status descriptors in one reply (the spec asks for at most 2^20). */
 const MAX_DESCRIPTORS = 1 << 16;
 
@@ -184,6 +202,8 @@ export interface ExportDefinition {
   endpoint: Endpoint;
   description?: string;
   readOnly?: boolean;
+  /** Dirty bitmaps served as meta contexts `qemu:dirty-bitmap:NAME` (flag 1 = dirty). */
+  dirtyBitmaps?: Record<string, DirtyBitmapSource>;
 }
 
 export interface NbdServerOptions {
@@ -219,6 +239,55 @@ interface Export {
   minimum: number;
   preferred: number;
   maximum: number;
+  /** Served dirty bitmaps, in id order (bitmap i has context id 2 + i). */
+  bitmaps: Array<{ name: string; source: DirtyBitmapSource }>;
+}
+
+/** A meta context of an export. */
+interface MetaContext {
+  id: number;
+  name: string;
+  /** Undefined: base:allocation. */
+  bitmap?: DirtyBitmapSource;
+}
+
+function metaContextsOf(exp: Export): MetaContext[] {
+  return [{ id: BASE_ALLOCATION_ID, name: BASE_ALLOCATION }, ...exp.bitmaps.map((b, i) => ({ id: BASE_ALLOCATION_ID + 1 + i, name: DIRTY_BITMAP_PREFIX + b.name, bitmap: b.source }))];
+}
+
+/** Whether a SET/LIST_META_CONTEXT query selects a context. */
+function queryMatches(q: string, name: string, list: boolean): boolean {
+  if (q === name) return true;
+  if (!list) return false;
+  // LIST also takes a namespace with an empty leaf: "base:", "qemu:dirty-bitmap:" ("qemu:" too)
+  if (q.endsWith(':') && name.startsWith(q)) return q !== 'qemu:' || name.startsWith(DIRTY_BITMAP_PREFIX);
+  return false;
+}
+
+/** Consecutive dirty/clean descriptors over [offset, offset + length) from dirty ranges. */
+async function bitmapDescriptors(source: DirtyBitmapSource, offset: number, length: number): Promise<BlockDescriptor[]> {
+  const end = offset + length;
+  const got = typeof source === 'function' ? await source(offset, length) : source;
+  const dirty = got
+    .filter((r) => r.dirty !== false && r.length > 0 && r.offset < end && r.offset + r.length > offset)
+    .map((r) => ({ start: Math.max(r.offset, offset), stop: Math.min(r.offset + r.length, end) }))
+    .sort((a, b) => a.start - b.start);
+  const out: BlockDescriptor[] = [];
+  const push = (len: number, flags: number) => {
+    if (len <= 0) return;
+    const last = out[out.length - 1];
+    if (last && last.flags === flags && last.length + len <= 0xffff_ffff) last.length += len;
+    else out.push({ length: len, flags });
+  };
+  let pos = offset;
+  for (const d of dirty) {
+    if (d.stop <= pos) continue;
+    push(d.start - pos, 0);
+    push(d.stop - Math.max(d.start, pos), STATE_DIRTY);
+    pos = d.stop;
+  }
+  push(end - pos, 0);
+  return out.slice(0, MAX_DESCRIPTORS);
 }
 
 /** Error reply raised while processing a request. */
@@ -252,7 +321,11 @@ function makeExport(d: ExportDefinition, serverReadOnly: boolean): Export {
   if (c.canMultiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;
   const maximum = Math.max(512, Math.min(NBD_DEFAULT_MAX_PAYLOAD, c.maxRequest || NBD_DEFAULT_MAX_PAYLOAD));
   const preferred = Math.min(largestPow2AtMost(Math.max(512, c.preferredBlockSize || 4096)), largestPow2AtMost(maximum));
-  return { name: d.name, description: d.description ?? '', endpoint: ep, size: ep.size, readOnly, flags, minimum: 1, preferred, maximum };
+  const bitmaps = Object.entries(d.dirtyBitmaps ?? {}).map(([name, source]) => {
+    if (!name) throw new NbdStreamError('ERR_USAGE', 'a dirty bitmap needs a name', { endpoint: ep.name });
+    return { name, source };
+  });
+  return { name: d.name, description: d.description ?? '', endpoint: ep, size: ep.size, readOnly, flags, minimum: 1, preferred, maximum, bitmaps };
 }
 
 /** NBD error value for an exception from an endpoint. */
@@ -468,11 +541,12 @@ class Connection implements ServerDecoderHandler {
   private noZeroes = false;
   private tlsActive = false;
   private structured = false;
-  /** Export the last SET_META_CONTEXT selected base:allocation for. */
+  /** Export the last SET_META_CONTEXT selected contexts for, and those contexts. */
   private metaExport: Export | undefined;
+  private metaSelected: MetaContext[] = [];
   private exp: Export | undefined;
-  /** base:allocation id in transmission, when negotiated for the export in use. */
-  private contextId: number | undefined;
+  /** Meta contexts negotiated for the export in use (empty: none). */
+  private contexts: MetaContext[] = [];
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -719,11 +793,12 @@ class Connection implements ServerDecoderHandler {
     }
     const exp = this.server.findExport(req.name);
     if (!exp) return this.replyError(option, NBD_REP_ERR_UNKNOWN, `export "${req.name}" not found`);
-    // base:allocation is the only context. LIST answers "base:" and an empty query list too.
-    const match = req.queries.some((q) => q === BASE_ALLOCATION || (!set && q === 'base:')) || (!set && req.queries.length === 0);
-    if (match) {
-      this.reply(option, NBD_REP_META_CONTEXT, encodeRepMetaContext(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
-      if (set) this.metaExport = exp;
+    // LIST answers namespace queries ("base:", "qemu:dirty-bitmap:") and an empty query list too.
+    const matched = metaContextsOf(exp).filter((c) => (!set && req.queries.length === 0) || req.queries.some((q) => queryMatches(q, c.name, !set)));
+    for (const c of matched) this.reply(option, NBD_REP_META_CONTEXT, encodeRepMetaContext(set ? c.id : 0, c.name));
+    if (set && matched.length) {
+      this.metaExport = exp;
+      this.metaSelected = matched;
     }
     this.reply(option, NBD_REP_ACK);
   }
@@ -776,7 +851,7 @@ class Connection implements ServerDecoderHandler {
 
   private enterTransmission(exp: Export): void {
     this.exp = exp;
-    this.contextId = this.structured && this.metaExport === exp ? BASE_ALLOCATION_ID : undefined;
+    this.contexts = this.structured && this.metaExport === exp ? this.metaSelected : [];
     this.phase = 'transmission';
     this.decoder.expectRequests();
   }
@@ -910,7 +985,7 @@ class Connection implements ServerDecoderHandler {
         await ep.flush();
         return this.ok(req);
       case NBD_CMD_BLOCK_STATUS:
-        if (this.contextId === undefined) throw new ReplyError(NBD_EINVAL, `${cmd}: no meta context was negotiated`);
+        if (this.contexts.length === 0) throw new ReplyError(NBD_EINVAL, `${cmd}: no meta context was negotiated`);
         rangeCheck(NBD_EINVAL);
         this.inject(this.faults.blockStatusError, req);
         return this.blockStatus(req);
@@ -988,11 +1063,18 @@ class Connection implements ServerDecoderHandler {
     });
   }
 
+  /** One NBD_REPLY_TYPE_BLOCK_STATUS chunk per negotiated context; the last one carries DONE. */
   private async blockStatus(req: ClientRequest): Promise<Message[]> {
-    const runs = await this.runs(req.offset, req.length, true);
-    let desc: BlockDescriptor[] = runs.map((r) => ({ length: r.length, flags: r.zero ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0 }));
-    if (req.flags & NBD_CMD_FLAG_REQ_ONE) desc = desc.slice(0, 1);
-    return [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, req.cookie, this.contextId!, desc) }];
+    const chunks = await Promise.all(
+      this.contexts.map(async (c) => {
+        let desc: BlockDescriptor[];
+        if (c.bitmap) desc = await bitmapDescriptors(c.bitmap, req.offset, req.length);
+        else desc = (await this.runs(req.offset, req.length, true)).map((r) => ({ length: r.length, flags: r.zero ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0 }));
+        if (req.flags & NBD_CMD_FLAG_REQ_ONE) desc = desc.slice(0, 1);
+        return { id: c.id, desc };
+      }),
+    );
+    return chunks.map((c, i) => ({ head: encodeBlockStatus(i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0, req.cookie, c.id, c.desc) }));
   }
 
   /** Write a reply, applying any protocol violation asked for. */
@@ -1011,7 +1093,8 @@ class Connection implements ServerDecoderHandler {
 
   private violate(v: Violation, req: ClientRequest, msgs: Message[]): void {
     const { cookie, offset, length } = req;
-    const id = this.contextId ?? BASE_ALLOCATION_ID;
+    const id = this.contexts[0]?.id ?? BASE_ALLOCATION_ID;
+    const unasked = Math.max(BASE_ALLOCATION_ID, ...this.contexts.map((c) => c.id)) + 1;
     let out: Message[] = msgs;
     switch (v) {
       case 'wrong-cookie':
@@ -1040,7 +1123,7 @@ class Connection implements ServerDecoderHandler {
         out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id, [{ length: Math.min(length + 4096, 0xffff_ffff), flags: 0 }, { length: 4096, flags: 0 }]) }];
         break;
       case 'unasked-context':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id + 1, [{ length, flags: 0 }]) }];
+        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, unasked, [{ length, flags: 0 }]) }];
         break;
     }
     for (const m of out) {
