@@ -17,6 +17,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
+import { attachLoop } from '../helpers/loop.js';
 import { NbdStreamError } from '../../lib/errors.js';
 import { openFile, type FileEndpoint } from '../../lib/endpoints/file.js';
 import { fileExtents, native } from '../../lib/native.js';
@@ -367,38 +368,11 @@ describe('errors', () => {
   });
 });
 
-// Loop device: needs root and a working losetup; otherwise skipped with the reason in the name.
-const loop = ((): { dev: string; file: string; skip?: undefined } | { skip: string } => {
-  if (process.getuid?.() !== 0) return { skip: 'not root' };
-  const file = join(dir, 'loop-backing');
-  try {
-    const fd = openSync(file, 'w+');
-    ftruncateSync(fd, 8 * MiB);
-    closeSync(fd);
-    const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', stdio: 'pipe' }).trim();
-    return { dev, file };
-  } catch (err) {
-    const stderr = (err as { stderr?: string }).stderr?.trim();
-    return { skip: `losetup failed: ${stderr || (err as Error).message}` };
-  }
-})();
-
-let loopDetached = false;
-function detachLoop(): void {
-  if (loopDetached || loop.skip !== undefined) return;
-  loopDetached = true;
-  execFileSync('losetup', ['-d', loop.dev], { stdio: 'pipe' });
-}
-process.once('exit', () => {
-  try {
-    detachLoop();
-  } catch {
-    // best effort; afterAll normally did it
-  }
-});
+// Loop device: needs root and a working losetup (skipped with the reason otherwise, never in CI).
+const loop = attachLoop(dir);
 afterAll(async () => {
   for (const ep of opened.splice(0)) await ep.close();
-  detachLoop();
+  loop.detach();
 });
 
 describe.skipIf(loop.skip !== undefined)(

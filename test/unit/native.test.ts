@@ -14,6 +14,7 @@ import {
 import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
+import { attachLoop } from '../helpers/loop.js';
 import {
   blkDiscard,
   blkGetSize64,
@@ -297,36 +298,9 @@ describe('errors', () => {
   });
 });
 
-// Loop device: needs root and a working losetup; otherwise skipped with the reason in the name.
-const loop = ((): { dev: string; file: string; skip?: undefined } | { skip: string } => {
-  if (process.getuid?.() !== 0) return { skip: 'not root' };
-  const file = join(dir, 'loop-backing');
-  try {
-    const fd = openSync(file, 'w+');
-    ftruncateSync(fd, 8 * MiB);
-    closeSync(fd);
-    const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', stdio: 'pipe' }).trim();
-    return { dev, file };
-  } catch (err) {
-    const stderr = (err as { stderr?: string }).stderr?.trim();
-    return { skip: `losetup failed: ${stderr || (err as Error).message}` };
-  }
-})();
-
-let loopDetached = false;
-function detachLoop(): void {
-  if (loopDetached || loop.skip !== undefined) return;
-  loopDetached = true;
-  execFileSync('losetup', ['-d', loop.dev], { stdio: 'pipe' });
-}
-process.once('exit', () => {
-  try {
-    detachLoop();
-  } catch {
-    // best effort; afterAll normally did it
-  }
-});
-afterAll(detachLoop);
+// Loop device: needs root and a working losetup (skipped with the reason otherwise, never in CI).
+const loop = attachLoop(dir);
+afterAll(() => loop.detach());
 
 describe.skipIf(loop.skip !== undefined)(
   `block device ioctls on a loop device${loop.skip !== undefined ? ` (skipped: ${loop.skip})` : ''}`,
