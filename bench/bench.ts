@@ -66,7 +66,7 @@ const cases: Case[] = [
     name: 'read-export 2G dense (example) vs nbdcopy → null:',
     server: ['file', dense],
     bytes: 2 * GiB,
-    nbdstream: `node ${readExample} "$uri" 2097152 8 4`,
+    nbdstream: `node ${readExample} "$uri" 4194304 16 4`,
     nbdcopy: 'nbdcopy "$uri" null:',
   },
   {

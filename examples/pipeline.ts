@@ -9,7 +9,7 @@
  */
 import { createHash } from 'node:crypto';
 import { Transform, pipelinePromise } from 'streamx';
-import { ExtentSource, Sink, ZeroDetect, openEndpoint, type Chunk } from '../lib/index.js';
+import { ExtentSource, Sink, ZeroDetect, openEndpoint, type Chunk } from 'nbdstream';
 
 /** Passes chunks through unchanged, hashing the image they describe (chunks arrive in order). */
 class HashTransform extends Transform {

@@ -8,7 +8,7 @@
  * completes, so memory stays at REQUESTS × REQUEST_SIZE.
  */
 import { createHash } from 'node:crypto';
-import { NbdClient } from '../lib/index.js';
+import { NbdClient } from 'nbdstream';
 
 async function main(): Promise<void> {
   const [uri, sizeArg, reqArg, connArg] = process.argv.slice(2);

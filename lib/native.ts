@@ -28,7 +28,20 @@ export interface NativeOps {
   blkDiscard(fd: number, offset: number, length: number): void;
   /** ioctl(BLKGETSIZE64): block device size in bytes. */
   blkGetSize64(fd: number): number;
+  /**
+   * Socket reader thread (native/socket_reader.c): start receiving on a connected, non-blocking
+   * socket fd that JS no longer reads. `onRead(n)` reports each job: n > 0 bytes received, 0 end
+   * of stream, -errno.
+   */
+  readerStart(fd: number, onRead: (n: number) => void): SocketReader;
+  /** Receive at least `min` bytes (up to buffer.length) into `buffer`; one job at a time. */
+  readerFill(reader: SocketReader, buffer: Buffer, min: number): void;
+  /** Stop and join the thread (idempotent); no callback runs afterwards. */
+  readerStop(reader: SocketReader): void;
 }
+
+/** Opaque handle of a socket reader thread. */
+export type SocketReader = { readonly __socketReader: unique symbol };
 
 /** A system-call error from the addon (or ENOSYS from a wrapper when the addon is missing). */
 export interface NativeError extends Error {

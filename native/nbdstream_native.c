@@ -20,6 +20,8 @@
 #include <linux/fs.h>
 #include <node_api.h>
 
+#include "socket_reader.h"
+
 #define MAX_SAFE_INTEGER 9007199254740991.0
 
 /* Return on a pending exception (or a failed napi call). */
@@ -249,6 +251,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"blkGetSize64", NULL, BlkGetSize64, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
+  CHECK(socket_reader_init(env, exports));
   return exports;
 }
 

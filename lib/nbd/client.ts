@@ -153,20 +153,45 @@ export class NbdClient {
       maxBytesInFlight: options.maxBytesInFlight ?? 64 * 1024 * 1024,
     };
     const first = await NbdConnection.open(address, copts);
-    const conns = [first];
+    const client = new NbdClient(address, endpoint, [first], copts, options.retries ?? 0);
     const want = Math.max(1, options.connections ?? 1);
-    if (want > 1 && first.info.flags & NBD_FLAG_CAN_MULTI_CONN) {
-      const more = await Promise.allSettled(Array.from({ length: want - 1 }, () => NbdConnection.open(address, copts)));
-      for (const m of more) if (m.status === 'fulfilled') conns.push(m.value);
-      const failed = more.find((m) => m.status === 'rejected') as PromiseRejectedResult | undefined;
-      const mismatch = conns.find((c) => c.info.size !== first.info.size || c.info.flags !== first.info.flags);
-      if (failed || mismatch) {
-        await Promise.all(conns.map((c) => c.close()));
-        if (failed) throw failed.reason;
-        throw new NbdStreamError('ERR_PROTOCOL', 'connections to the same export disagree on its size or flags', { endpoint });
+    if (want > 1 && first.info.flags & NBD_FLAG_CAN_MULTI_CONN) client.join(want - 1);
+    return client;
+  }
+
+  private joining: Promise<void> = Promise.resolve();
+  /** Why an extra multi-conn connection was not added (it failed or disagreed with the first). */
+  joinError?: NbdStreamError;
+
+  /**
+   * Open COUNT more connections in the background; each serves requests from the moment its
+   * handshake completes (servers may spend tens of ms per handshake, e.g. nbdkit's file plugin
+   * probing SEEK_HOLE). One that fails or disagrees with the first is dropped: the export stays
+   * usable on the connections it has, and `joinError` says why.
+   */
+  private join(count: number): void {
+    const first = this.conns[0];
+    const add = async (): Promise<void> => {
+      let c: NbdConnection;
+      try {
+        c = await NbdConnection.open(this.address, this.copts);
+      } catch (err) {
+        this.joinError ??= err as NbdStreamError;
+        return;
       }
-    }
-    return new NbdClient(address, endpoint, conns, copts, options.retries ?? 0);
+      if (c.info.size !== first.info.size || c.info.flags !== first.info.flags) {
+        this.joinError ??= new NbdStreamError('ERR_PROTOCOL', 'connections to the same export disagree on its size or flags', { endpoint: this.endpoint });
+        await c.close();
+      } else if (this.closing) await c.close();
+      else this.conns.push(c);
+    };
+    this.joining = Promise.all(Array.from({ length: count }, add)).then(() => undefined);
+  }
+
+  /** Resolves with the number of connections once every extra multi-conn connection has joined or failed. */
+  async joined(): Promise<number> {
+    await this.joining;
+    return this.conns.length;
   }
 
   get size(): number {
@@ -188,6 +213,10 @@ export class NbdClient {
   /** Negotiated meta contexts, name -> id. */
   get metaContexts(): ReadonlyMap<string, number> {
     return this.conns[0].info.metaContexts;
+  }
+  /** How replies are received (see NbdConnection.receiver). */
+  get receiver(): 'native' | 'libuv' | 'tls' {
+    return this.conns[0].receiver;
   }
   get connections(): number {
     return this.conns.length;
@@ -394,6 +423,7 @@ export class NbdClient {
   /** Wait for all replies, disconnect every connection. */
   async close(): Promise<void> {
     this.closing = true;
+    await this.joining;
     await Promise.allSettled([...this.reconnecting.values()]);
     await Promise.all(this.conns.map((c) => c.close()));
   }

@@ -7,12 +7,14 @@
  * pending request and closes the connection.
  */
 import * as net from 'node:net';
+import { getSystemErrorName } from 'node:util';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
 import { encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
 import type { NbdAddress } from './uri.js';
+import { native, type SocketReader } from '../native.js';
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_DISC,
@@ -206,20 +208,70 @@ export class NbdConnection implements ReplyHandler {
     this.decoder = new ReplyDecoder(this, this.info.structuredReplies);
     const left = this.reader.drain();
     if (left.length) this.decoder.push(left);
+    if (zeroCopy) {
+      this.receiver = 'libuv';
+      this.startNativeReader(raw);
+    }
+  }
+
+  /** The socket reader thread, when the addon has it (plain sockets only; see socket_reader.c). */
+  private nativeReader: SocketReader | undefined;
+  /** Who receives replies: a native thread, libuv reads into request buffers, or TLS 'data' events. */
+  receiver: 'native' | 'libuv' | 'tls' = 'tls';
+
+  /**
+   * Hand receiving over to a native thread: libuv stops reading this socket, the thread receives
+   * each header and whole payload into the decoder's buffers. NBDSTREAM_NATIVE_READER=0 (or no
+   * addon) keeps libuv's reads.
+   */
+  private startNativeReader(raw: net.Socket): void {
+    const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (!native?.readerStart || process.env.NBDSTREAM_NATIVE_READER === '0' || typeof fd !== 'number' || fd < 0 || this.failure) return;
+    raw.pause();
+    this.nativeReader = native.readerStart(fd, (n) => this.onNativeRead(n));
+    this.receiver = 'native';
+    this.fillNative();
+  }
+
+  private fillNative(): void {
+    const d = this.decoder!;
+    native!.readerFill(this.nativeReader!, d.nextBuffer(), d.minNeeded());
+  }
+
+  private onNativeRead(n: number): void {
+    if (!this.nativeReader) return;
+    if (n > 0) {
+      this.decoder!.advance(n);
+      if (this.nativeReader) this.fillNative();
+      return;
+    }
+    const err: NodeJS.ErrnoException | undefined = n < 0 ? Object.assign(new Error(`recv: errno ${-n}`), { errno: n }) : undefined;
+    if (err) this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${getSystemErrorName(n)}`, { cause: err }));
+    else this.lostByServer();
+  }
+
+  /** Stop the reader thread (joins it: nothing writes into request buffers afterwards). */
+  private stopNativeReader(): void {
+    const r = this.nativeReader;
+    if (!r) return;
+    this.nativeReader = undefined;
+    native!.readerStop(r);
   }
 
   private watch(s: net.Socket): void {
     s.on('error', (err: NodeJS.ErrnoException) => {
       this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${err.code ?? err.message}`, { cause: err }));
     });
-    s.on('close', () => {
-      // ERR_CLOSED even when a reply was cut short: to the client a truncated reply and a
-      // dropped connection look the same, and both may be retried (--retries).
-      const n = this.pending.size;
-      const pending = n ? ` with ${n} request${n > 1 ? 's' : ''} pending` : '';
-      const midReply = this.decoder && !this.decoder.idle && !this.decoder.dead ? ' in the middle of a reply' : '';
-      this.lost(new NbdStreamError('ERR_CLOSED', `server closed the connection${midReply}${pending}`));
-    });
+    s.on('close', () => this.lostByServer());
+  }
+
+  private lostByServer(): void {
+    // ERR_CLOSED even when a reply was cut short: to the client a truncated reply and a
+    // dropped connection look the same, and both may be retried (--retries).
+    const n = this.pending.size;
+    const pending = n ? ` with ${n} request${n > 1 ? 's' : ''} pending` : '';
+    const midReply = this.decoder && !this.decoder.idle && !this.decoder.dead ? ' in the middle of a reply' : '';
+    this.lost(new NbdStreamError('ERR_CLOSED', `server closed the connection${midReply}${pending}`));
   }
 
   // ------------------------------------------------------------ input
@@ -398,6 +450,7 @@ export class NbdConnection implements ReplyHandler {
   /** Fail everything pending and tear the socket down (idempotent). */
   private lost(err: NbdStreamError): void {
     if (this.failure) return;
+    this.stopNativeReader();
     clearInterval(this.timeoutTimer);
     if (!err.endpoint) err.endpoint = this.opts.endpoint;
     this.failure = err;
@@ -429,16 +482,26 @@ export class NbdConnection implements ReplyHandler {
       clearInterval(this.timeoutTimer);
       if (!this.failure && !this.socket.destroyed) {
         const s = this.socket;
+        // After NBD_CMD_DISC the server sends nothing more: a plain socket is done once the
+        // request is handed to the kernel; TLS waits for the server's close (close_notify).
+        const plain = !this.info.tls;
         await new Promise<void>((resolve) => {
           const timer = setTimeout(() => s.destroy(), 5000);
-          s.once('close', () => {
+          const done = () => {
             clearTimeout(timer);
+            this.stopNativeReader();
+            if (plain) s.destroy();
             resolve();
-          });
+          };
+          if (plain) s.once('finish', done);
+          s.once('close', done);
           this.failure = new NbdStreamError('ERR_CLOSED', 'connection closed', { endpoint: this.opts.endpoint });
           s.end(encodeRequest(0, NBD_CMD_DISC, 0, 0, 0, Buffer.allocUnsafe(NBD_REQUEST_SIZE)));
         });
-      } else this.socket.destroy();
+      } else {
+        this.stopNativeReader();
+        this.socket.destroy();
+      }
     })();
     return this.closed;
   }

@@ -203,6 +203,13 @@ export class ReplyDecoder {
     return this.scratch.subarray(this.have, this.state === S_HEADER && this.structured ? HEADER_READ : this.need);
   }
 
+  /** Bytes of nextBuffer() needed before anything can be parsed (a whole payload or header). */
+  minNeeded(): number {
+    if (this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD) return this.destEnd - this.destPos;
+    if (this.state === S_DEAD) return 1;
+    return this.need - this.have;
+  }
+
   /** `n` bytes were written at the start of the buffer last returned by nextBuffer(). */
   advance(n: number): void {
     switch (this.state) {

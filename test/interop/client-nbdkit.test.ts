@@ -90,7 +90,7 @@ describe('NbdClient against nbdkit', () => {
   it('reads sparse-random content identical to nbdcopy, over 4 connections', async () => {
     const s = await start('sparse-random', ['64M', 'percent=30', 'seed=7']);
     const c = await connect(s.uri, { connections: 4 });
-    expect(c.connections).toBe(4);
+    expect(await c.joined()).toBe(4);
     const buf = Buffer.alloc(64 << 20);
     const parts = [];
     for (let o = 0; o < buf.length; o += 1 << 20) parts.push(c.pread(o, 1 << 20, buf.subarray(o)));
@@ -126,7 +126,7 @@ describe('NbdClient against nbdkit', () => {
     const s2 = await start('memory', ['1M', 'multi-conn-mode=disable'], { filters: ['multi-conn'], log: true });
     const c = await connect(s2.uri, { connections: 4 });
     expect(c.canMultiConn).toBe(false);
-    expect(c.connections).toBe(1);
+    expect(await c.joined()).toBe(1);
     await c.close();
     expect(fs.readFileSync(s2.logFile!, 'utf8').match(/ Connect /g)).toHaveLength(1);
   });

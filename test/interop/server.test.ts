@@ -293,7 +293,7 @@ describe('NbdClient', () => {
     const mem = memoryWithData();
     const { uri } = await serve(mem);
     const c = await connect(uri, { connections: 4 });
-    expect(c.connections).toBe(4);
+    expect(await c.joined()).toBe(4);
     expect([c.canZero, c.canFastZero, c.canTrim, c.canFlush, c.canFua, c.canMultiConn]).toEqual([true, true, true, true, true, true]);
     await Promise.all([c.pwrite(0, Buffer.alloc(4096, 1)), c.pwrite(4096, Buffer.alloc(4096, 2)), c.pwrite(8192, Buffer.alloc(4096, 3), { fua: true })]);
     expect(mem.buffer.subarray(0, 12288).equals(Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2), Buffer.alloc(4096, 3)]))).toBe(true);
