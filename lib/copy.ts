@@ -112,9 +112,10 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     options.onOpen?.(s, d);
 
     const stats = newStats();
-    // --queue-size bounds all bytes in flight: half for reads, half for writes
-    const half = Math.max(Math.floor(queueSize / 2), requestSize);
-    const source = new ExtentSource(s, { requestSize, requests, queueSize: half, extents: !options.noExtents, stats });
+    // --queue-size bounds the copy's read buffers from the read until the sink has written
+    // them (reads in flight, data on its way, writes in flight): a fast target leaves it all
+    // to reads, a slow one holds more in writes
+    const source = new ExtentSource(s, { requestSize, requests, queueSize, extents: !options.noExtents, stats });
     const total = s.size;
     const onProgress = options.onProgress;
     const tracker = onProgress ? new ProgressTracker(stats, total, options.verify ?? false, (p) => onProgress(p.bytes_done, p.bytes_total ?? undefined, p)) : undefined;
@@ -123,7 +124,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     const sink = new Sink(d, {
       requestSize,
       requests,
-      queueSize: half,
+      queueSize,
       allocated,
       destinationIsZero: options.destinationIsZero,
       flush: options.flush,

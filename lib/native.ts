@@ -30,12 +30,15 @@ export interface NativeOps {
   blkGetSize64(fd: number): number;
   /**
    * Socket reader thread (native/socket_reader.c): start receiving on a connected, non-blocking
-   * socket fd that JS no longer reads. `onRead(n)` reports each job: n > 0 bytes received, 0 end
-   * of stream, -errno.
+   * socket fd that JS no longer reads. `onRead(n, nAhead)` reports each job: n > 0 bytes received
+   * (and nAhead bytes into `ahead`), 0 end of stream, -errno.
    */
-  readerStart(fd: number, onRead: (n: number) => void): SocketReader;
-  /** Receive at least `min` bytes (up to buffer.length) into `buffer`; one job at a time. */
-  readerFill(reader: SocketReader, buffer: Buffer, min: number): void;
+  readerStart(fd: number, onRead: (n: number, nAhead: number) => void): SocketReader;
+  /**
+   * Receive at least `min` bytes (up to buffer.length) into `buffer`, then, without waiting,
+   * whatever is already queued into `ahead` (at most 255 bytes). One job at a time.
+   */
+  readerFill(reader: SocketReader, buffer: Buffer, min: number, ahead?: Buffer): void;
   /** Stop and join the thread (idempotent); no callback runs afterwards. */
   readerStop(reader: SocketReader): void;
 }

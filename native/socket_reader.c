@@ -5,13 +5,16 @@
  * BUFFER (more, up to its length, if already there)". The thread recv()s on the non-blocking
  * socket, waiting in poll() when nothing is queued, and reports the byte count to the JS
  * callback through a thread-safe function: n > 0 bytes received, 0 end of stream, -errno.
+ * A job may name a second buffer, AHEAD: once BUFFER has MIN bytes, whatever is already queued
+ * (up to AHEAD's length) is received into it without waiting, and its count is the callback's
+ * second argument. JS passes the next reply's header there, so a reply costs one callback.
  * The JS side parses what arrived and hands out the next job. A 4 MiB read payload thus costs
  * one JS callback (not one per ~200 KiB socket read), and the kernel copies of several
  * connections run in parallel, as nbdcopy's worker threads do.
  *
- *   readerStart(fd, onRead) -> handle   start the thread (the fd stays owned by JS)
- *   readerFill(handle, buffer, min)     queue the job; throws if one is queued or it stopped
- *   readerStop(handle)                  stop and join the thread; idempotent; no callbacks after
+ *   readerStart(fd, onRead(n, nAhead)) -> handle  start the thread (the fd stays owned by JS)
+ *   readerFill(handle, buffer, min[, ahead])      queue the job; throws if one is queued or it stopped
+ *   readerStop(handle)                            stop and join the thread; idempotent; no callbacks after
  *
  * The caller must keep BUFFER alive until its callback, and call readerStop() before it
  * reuses BUFFER for anything else or closes the fd (readerStop joins, so then nothing writes).
@@ -36,6 +39,8 @@ typedef struct {
   pthread_cond_t cv;
   uint8_t *buf; /* current job, NULL when none */
   size_t min, max;
+  uint8_t *ahead; /* optional second buffer, filled without waiting */
+  size_t ahead_len;
   int busy;    /* a job is queued or running (set by JS, cleared by the thread) */
   int stop;    /* readerStop() was called */
   int stopped; /* joined */
@@ -83,12 +88,21 @@ static void *run(void *arg) {
       pthread_mutex_unlock(&r->mu);
       return NULL;
     }
-    uint8_t *buf = r->buf;
-    size_t min = r->min, max = r->max;
+    uint8_t *buf = r->buf, *ahead = r->ahead;
+    size_t min = r->min, max = r->max, ahead_len = r->ahead_len;
     pthread_mutex_unlock(&r->mu);
 
     int64_t n = receive(r, buf, min, max);
     if (n == INT64_MIN) return NULL;
+    int64_t m = 0;
+    if (n > 0 && ahead) {
+      ssize_t a;
+      do a = recv(r->fd, ahead, ahead_len, MSG_DONTWAIT);
+      while (a < 0 && errno == EINTR);
+      m = a > 0 ? a : 0; /* end of stream or an error shows up in the next job */
+    }
+    /* one value through the queue: n * 256 + m (m <= 255), or n <= 0 alone */
+    n = n > 0 ? n * 256 + m : n;
     pthread_mutex_lock(&r->mu);
     r->buf = NULL;
     r->busy = 0;
@@ -100,10 +114,11 @@ static void *run(void *arg) {
 static void call_js(napi_env env, napi_value cb, void *context, void *data) {
   reader_t *r = context;
   if (!env || r->stopped) return; /* torn down, or stopped after this result was queued */
-  napi_value undefined, n;
+  int64_t v = (int64_t)(intptr_t)data;
+  napi_value undefined, argv[2];
   if (napi_get_undefined(env, &undefined) != napi_ok) return;
-  if (napi_create_int64(env, (int64_t)(intptr_t)data, &n) != napi_ok) return;
-  napi_call_function(env, undefined, cb, 1, &n, NULL);
+  if (napi_create_int64(env, v > 0 ? v / 256 : v, &argv[0]) != napi_ok || napi_create_int64(env, v > 0 ? v % 256 : 0, &argv[1]) != napi_ok) return;
+  napi_call_function(env, undefined, cb, 2, argv, NULL);
 }
 
 static void stop(reader_t *r) {
@@ -185,10 +200,10 @@ static napi_value ReaderStart(napi_env env, napi_callback_info info) {
   return handle;
 }
 
-/* readerFill(handle, buffer, min) */
+/* readerFill(handle, buffer, min[, ahead]) */
 static napi_value ReaderFill(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
+  size_t argc = 4;
+  napi_value argv[4];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (argc < 3) {
     napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerFill(handle, buffer, min)");
@@ -204,12 +219,23 @@ static napi_value ReaderFill(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerFill: need a non-empty buffer and 1 <= min <= its length");
     return NULL;
   }
+  void *ahead = NULL;
+  size_t ahead_len = 0;
+  napi_valuetype at = napi_undefined;
+  if (argc > 3 && napi_typeof(env, argv[3], &at) == napi_ok && at != napi_undefined) {
+    if (napi_get_buffer_info(env, argv[3], &ahead, &ahead_len) != napi_ok || ahead_len == 0 || ahead_len > 255) {
+      napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerFill: ahead must be a buffer of 1 to 255 bytes");
+      return NULL;
+    }
+  }
   pthread_mutex_lock(&r->mu);
   int refused = r->stop || r->busy;
   if (!refused) {
     r->buf = data;
     r->min = (size_t)min;
     r->max = len;
+    r->ahead = ahead;
+    r->ahead_len = ahead_len;
     r->busy = 1;
     pthread_cond_signal(&r->cv);
   }

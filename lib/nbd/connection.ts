@@ -8,6 +8,7 @@
  */
 import * as net from 'node:net';
 import { getSystemErrorName } from 'node:util';
+import { createRequire } from 'node:module';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
 import { encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
@@ -15,6 +16,10 @@ import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
 import type { NbdAddress } from './uri.js';
 import { native, type SocketReader } from '../native.js';
+
+// node:tls is loaded only for TLS connections. require(), not import(): the CLI bundle runs
+// in a vm.Script (bin/launch.cts), where import() has no loader.
+const nodeRequire = createRequire(import.meta.url);
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_DISC,
@@ -178,7 +183,7 @@ export class NbdConnection implements ReplyHandler {
         startTls: async () => {
           raw.removeListener('data', onData);
           // TLS code is loaded only for TLS connections (it costs start-up time)
-          const [tls, tlsOptions] = await Promise.all([import('node:tls'), import('./tls.js')]);
+          const [tls, tlsOptions] = [nodeRequire('node:tls') as typeof import('node:tls'), await import('./tls.js')];
           describeTlsCredentials = tlsOptions.describeTlsCredentials;
           const options = tlsOptions.tlsConnectOptions(addr);
           const ts = tls.connect({ ...options, socket: raw });
@@ -228,20 +233,24 @@ export class NbdConnection implements ReplyHandler {
     const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (!native?.readerStart || process.env.NBDSTREAM_NATIVE_READER === '0' || typeof fd !== 'number' || fd < 0 || this.failure) return;
     raw.pause();
-    this.nativeReader = native.readerStart(fd, (n) => this.onNativeRead(n));
+    this.nativeReader = native.readerStart(fd, (n, nAhead) => this.onNativeRead(n, nAhead));
     this.receiver = 'native';
     this.fillNative();
   }
 
+  /** The next reply's header, received right after a payload (one thread round trip per reply). */
+  private readonly ahead = Buffer.allocUnsafe(32);
+
   private fillNative(): void {
     const d = this.decoder!;
-    native!.readerFill(this.nativeReader!, d.nextBuffer(), d.minNeeded());
+    native!.readerFill(this.nativeReader!, d.nextBuffer(), d.minNeeded(), d.inPayload ? this.ahead : undefined);
   }
 
-  private onNativeRead(n: number): void {
+  private onNativeRead(n: number, nAhead: number): void {
     if (!this.nativeReader) return;
     if (n > 0) {
       this.decoder!.advance(n);
+      if (nAhead && this.nativeReader) this.decoder!.push(this.ahead.subarray(0, nAhead));
       if (this.nativeReader) this.fillNative();
       return;
     }

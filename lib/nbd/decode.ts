@@ -203,6 +203,11 @@ export class ReplyDecoder {
     return this.scratch.subarray(this.have, this.state === S_HEADER && this.structured ? HEADER_READ : this.need);
   }
 
+  /** nextBuffer() is a read payload: a reply header comes after it. */
+  get inPayload(): boolean {
+    return this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD;
+  }
+
   /** Bytes of nextBuffer() needed before anything can be parsed (a whole payload or header). */
   minNeeded(): number {
     if (this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD) return this.destEnd - this.destPos;

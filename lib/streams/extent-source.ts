@@ -7,8 +7,10 @@
  * range boundaries; data chunks never cross one). Any other piece is read whole
  * and emitted as data, except ranges the read reply itself marks as holes, which flow on as zero
  * chunks. Failure to get extents makes the work range data; failure to read destroys the stream
- * (a read error never becomes zeroes). Up to `requests` reads are in flight, bounded by
- * `queueSize` bytes; chunks are still emitted in order.
+ * (a read error never becomes zeroes). Up to `requests` reads are in flight; `queueSize`
+ * bounds the bytes of read buffers from the read until the consumer calls `release()` (one
+ * read may always start, so a consumer that never releases still progresses, one read at a
+ * time). Chunks are emitted in order.
  *
  * Runs marked `skip` (clean in a dirty bitmap) produce no chunks at all: pieces are cut at their
  * edges, pending runs end before them, and the target is left alone there. A source that
@@ -44,7 +46,7 @@ type QueueEntry = { bytes: number; chunks: Chunk[] | undefined };
 
 export const DEFAULT_REQUEST_SIZE = 256 * 1024;
 export const DEFAULT_QUEUE_SIZE = 16 * 1024 * 1024;
-export const DEFAULT_READ_SIZE = 2 * 1024 * 1024;
+export const DEFAULT_READ_SIZE = 4 * 1024 * 1024;
 /** Bytes buffered between pipeline stages (the in-flight limits are what bound memory). */
 export const STAGE_BUFFER = 2 * 1024 * 1024;
 
@@ -66,6 +68,8 @@ export class ExtentSource extends Readable {
   /** Reads in offset order; `chunks` is set when the read has completed. */
   private readonly queue: QueueEntry[] = [];
   private queuedBytes = 0;
+  /** Bytes of read buffers emitted downstream and not yet released (written) by the sink. */
+  private heldBytes = 0;
   private planning = false;
   private flowing = false;
   private ended = false;
@@ -197,7 +201,13 @@ export class ExtentSource extends Readable {
       this.pool.put(buf);
       throw err;
     }
-    const release = () => this.pool.put(buf);
+    // the buffer counts against queueSize from the read until the sink releases it
+    this.heldBytes += buf.length;
+    const release = () => {
+      this.heldBytes -= buf.length;
+      this.pool.put(buf);
+      this.pump();
+    };
     stats.requests.read++;
     const length = r.data.length;
     if (this.src.size === undefined) {
@@ -235,7 +245,7 @@ export class ExtentSource extends Readable {
    * for more, so the server always has work even when replies complete out of order.
    */
   private pump(): void {
-    while (!this.planDone && !this.planning && !this.failed && this.queue.length < this.maxRequests && (this.queuedBytes < this.queueSize || this.queue.length === 0)) {
+    while (!this.planDone && !this.planning && !this.failed && this.queue.length < this.maxRequests && (this.queuedBytes + this.heldBytes < this.queueSize || this.queue.length === 0)) {
       this.planning = true;
       this.plan.next().then(
         (n) => {

@@ -1,0 +1,28 @@
+// Build step: write dist/nbdstream.cjs.v8cache by running the CLI once (a small sparse file
+// served by `nbdstream serve` and copied over NBD), so what a copy needs is in the cache.
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const launch = path.join(root, 'dist/bin/launch.cjs');
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-cache-'));
+try {
+  const img = path.join(dir, 'img');
+  const fd = fs.openSync(img, 'w');
+  fs.writeSync(fd, Buffer.alloc(65536, 1), 0, 65536, 1 << 20);
+  fs.ftruncateSync(fd, 4 << 20);
+  fs.closeSync(fd);
+  // the built-in server exports the file; the client (which writes the cache) copies it over
+  // NBD to a file: the CLI, the NBD client, the streams and the file target get compiled
+  const client = `NBDSTREAM_WRITE_CODE_CACHE=1 "${process.execPath}" "${launch}" "$uri" "${path.join(dir, 'out')}"`;
+  const env = { ...process.env, NBDSTREAM_WRITE_CODE_CACHE: '0' };
+  execFileSync(process.execPath, [launch, 'serve', '-r', '-U', '-', img, '--run', client], { env, stdio: 'ignore', timeout: 60_000 });
+  if (!fs.existsSync(path.join(root, 'dist/nbdstream.cjs.v8cache'))) throw new Error('the training run wrote no cache');
+} catch (err) {
+  // no cache only means a slower start
+  process.stderr.write(`nbdstream: code cache not written: ${err.message}\n`);
+} finally {
+  fs.rmSync(dir, { recursive: true, force: true });
+}

@@ -1,0 +1,26 @@
+/** The built CLI bundle (npm run build) runs inside a vm.Script: see bin/launch.cts. */
+import { describe, expect, it } from 'vitest';
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const bundle = path.join(root, 'dist/nbdstream.cjs');
+
+describe('CLI bundle', () => {
+  it('has no import() expressions (a vm.Script cannot load modules)', () => {
+    const src = fs.readFileSync(bundle, 'utf8');
+    expect(src.match(/\bimport\s*\(/g) ?? []).toEqual([]);
+  });
+
+  it('has a V8 code cache that the launcher accepts, and runs with and without it', () => {
+    const cache = `${bundle}.v8cache`;
+    expect(fs.statSync(cache).size).toBeGreaterThan(100_000);
+    const version = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')).version;
+    const r = spawnSync(path.join(root, 'bin/nbdstream'), ['--version'], { env: { ...process.env, NBDSTREAM_CODE_CACHE_STATUS: '1' } });
+    expect(r.stderr.toString()).toBe('code cache accepted\n');
+    expect(r.stdout.toString().trim()).toBe(`nbdstream ${version}`);
+    expect(execFileSync('node', [path.join(root, 'dist/bin/nbdstream.js'), '--version']).toString().trim()).toBe(`nbdstream ${version}`);
+  });
+});
