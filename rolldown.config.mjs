@@ -5,11 +5,34 @@ const quiet = (level, log, handler) => {
   if (log.code === 'EMPTY_IMPORT_META') return;
   handler(level, log);
 };
+// string-width (yargs' help layout; three copies) builds an Intl.Segmenter and Unicode-property
+// regular expressions when loaded: ICU work costing 20-50 ms of every start-up here, though
+// only --help uses them. Build each on first use instead.
+const LAZY_REGEXP = `function lazyRegExp(make) {
+  let re;
+  const real = () => (re ??= make());
+  return new Proxy({}, {
+    get: (_, k) => { const r = real(); const v = r[k]; return typeof v === 'function' ? v.bind(r) : v; },
+    set: (_, k, v) => { real()[k] = v; return true; },
+  });
+}
+`;
+const lazyStringWidth = {
+  name: 'lazy-string-width',
+  transform(code, id) {
+    if (!/[\\/]string-width[\\/]index\.js$/.test(id)) return null;
+    const out = code
+      .replace('const segmenter = new Intl.Segmenter();', 'let segmenterInstance;\nconst segmenter = { segment: (s) => (segmenterInstance ??= new Intl.Segmenter()).segment(s) };')
+      .replace(/^const (\w+) = (\/.*\\p\{.*\/[a-z]*);$/gm, 'const $1 = lazyRegExp(() => $2);');
+    return out === code ? null : `${out}\n${LAZY_REGEXP}`;
+  },
+};
 export default [
   {
     input: 'dist/bin/nbdstream.js',
     platform: 'node',
     onLog: quiet,
+    plugins: [lazyStringWidth],
     output: { file: 'dist/nbdstream.cjs', format: 'cjs', codeSplitting: false },
   },
   {
