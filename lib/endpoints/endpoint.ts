@@ -30,6 +30,12 @@ export interface Capabilities {
    * truncation (OpenOptions.update).
    */
   partial?: boolean;
+  /**
+   * write() takes a whole data chunk (up to maxRequest) as cheaply as its request-size pieces
+   * and nothing observes request sizes (files, devices, pipes, null:): the Sink writes each
+   * chunk in one call instead of one per request-size piece.
+   */
+  wholeWrites?: boolean;
 }
 
 /**

@@ -114,6 +114,7 @@ export class FileEndpoint implements Endpoint {
       isZeroInitialised: zeroInitialised,
       seekable: true,
       readOnly: !target,
+      wholeWrites: true,
     };
   }
 
@@ -158,7 +159,21 @@ export class FileEndpoint implements Endpoint {
     return { data: got === buf.length ? buf : buf.subarray(0, got) };
   }
 
-  async write(offset: number, data: Buffer): Promise<void> {
+  /** The last write queued: writes run one at a time (see write()). */
+  private lastWrite: Promise<unknown> = Promise.resolve();
+
+  /**
+   * Writes run one at a time, in the order they were asked for: buffered writes to one file
+   * serialize on its inode lock anyway, and concurrent ones only make the kernel spin on it
+   * (on tmpfs, 4 concurrent 4 MiB writers cost twice the CPU of one).
+   */
+  write(offset: number, data: Buffer): Promise<void> {
+    const p = this.lastWrite.then(() => this.writeNow(offset, data));
+    this.lastWrite = p.catch(() => undefined);
+    return p;
+  }
+
+  private async writeNow(offset: number, data: Buffer): Promise<void> {
     checkRange(this.name, offset, data.length);
     this.checkOpen();
     if (this.mode !== 'target') throw readOnlyError(this.name, offset);

@@ -26,6 +26,7 @@ export class NullEndpoint implements Endpoint {
     isZeroInitialised: true,
     seekable: true,
     readOnly: false,
+    wholeWrites: true,
   };
   /** Bytes passed to write(). */
   bytesWritten = 0;

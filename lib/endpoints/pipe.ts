@@ -67,6 +67,7 @@ function capabilities(target: boolean): Capabilities {
     isZeroInitialised: false,
     seekable: false,
     readOnly: !target,
+    wholeWrites: true,
   };
 }
 

@@ -104,11 +104,14 @@ export class Sink extends Writable {
     else this.blocked = cb;
   }
 
-  /** Write a data chunk as one request per request-size piece it touches. */
+  /**
+   * Write a data chunk as one request per request-size piece it touches, or whole when the
+   * target takes whole chunks (capabilities.wholeWrites).
+   */
   private writePieces(c: Chunk): Promise<unknown> {
     const rs = this.requestSize;
     const first = rs - (c.offset % rs);
-    if (c.length <= first) {
+    if (c.length <= first || (this.dst.capabilities.wholeWrites && c.length <= this.dst.capabilities.maxRequest)) {
       this.stats.requests.write++;
       return this.dst.write(c.offset, c.data!);
     }
