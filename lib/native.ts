@@ -29,16 +29,21 @@ export interface NativeOps {
   /** ioctl(BLKGETSIZE64): block device size in bytes. */
   blkGetSize64(fd: number): number;
   /**
-   * Socket reader thread (native/socket_reader.c): start receiving on a connected, non-blocking
-   * socket fd that JS no longer reads. `onRead(n, nAhead)` reports each job: n > 0 bytes received
-   * (and nAhead bytes into `ahead`), 0 end of stream, -errno.
+   * Socket reader thread (native/socket_reader.c): parse NBD replies on a connected socket fd
+   * that JS no longer reads; read payloads go straight into buffers registered by readerExpect.
+   * `onEvent(kind, cookie, offset, length, flags, raw)`: kind 0 RAW (raw bytes for the JS
+   * decoder), 1 DATA (an OFFSET_DATA chunk is in the buffer), 2 SIMPLE_READ, 3 END (flags 1:
+   * inside a reply), 4 ERROR (length = -errno).
    */
-  readerStart(fd: number, onRead: (n: number, nAhead: number) => void): SocketReader;
-  /**
-   * Receive at least `min` bytes (up to buffer.length) into `buffer`, then, without waiting,
-   * whatever is already queued into `ahead` (at most 255 bytes). One job at a time.
-   */
-  readerFill(reader: SocketReader, buffer: Buffer, min: number, ahead?: Buffer): void;
+  readerStart(
+    fd: number,
+    structuredReplies: boolean,
+    onEvent: (kind: number, cookie: number, offset: number, length: number, flags: number, raw: Buffer | undefined) => void,
+  ): SocketReader;
+  /** Before sending NBD_CMD_READ `cookie` at export `offset`: its payload goes into `buffer`. */
+  readerExpect(reader: SocketReader, cookie: number, buffer: Buffer, offset: number): void;
+  /** The read `cookie` was answered (idempotent). */
+  readerForget(reader: SocketReader, cookie: number): void;
   /** Stop and join the thread (idempotent); no callback runs afterwards. */
   readerStop(reader: SocketReader): void;
 }

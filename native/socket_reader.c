@@ -1,29 +1,41 @@
 /*
- * Socket reader thread: receives NBD replies off the JS thread.
+ * Socket reader thread: receives NBD transmission replies off the JS thread.
  *
- * One thread per connection. JS hands it one job at a time: "receive at least MIN bytes into
- * BUFFER (more, up to its length, if already there)". The thread recv()s on the non-blocking
- * socket, waiting in poll() when nothing is queued, and reports the byte count to the JS
- * callback through a thread-safe function: n > 0 bytes received, 0 end of stream, -errno.
- * A job may name a second buffer, AHEAD: once BUFFER has MIN bytes, whatever is already queued
- * (up to AHEAD's length) is received into it without waiting, and its count is the callback's
- * second argument. JS passes the next reply's header there, so a reply costs one callback.
- * The JS side parses what arrived and hands out the next job. A 4 MiB read payload thus costs
- * one JS callback (not one per ~200 KiB socket read), and the kernel copies of several
- * connections run in parallel, as nbdcopy's worker threads do.
+ * One thread per connection. JS registers each NBD_CMD_READ before sending it (cookie,
+ * destination buffer, export offset); the thread then parses the reply stream itself and
+ * receives read payloads straight into the registered buffers, without waiting for JS between
+ * replies. A 4 MiB read costs one JS callback, and several connections receive in parallel, as
+ * nbdcopy's worker threads do. The thread takes only the common, well-formed cases:
  *
- *   readerStart(fd, onRead(n, nAhead)) -> handle  start the thread (the fd stays owned by JS)
- *   readerFill(handle, buffer, min[, ahead])      queue the job; throws if one is queued or it stopped
- *   readerStop(handle)                            stop and join the thread; idempotent; no callbacks after
+ *   - a structured OFFSET_DATA chunk for a registered read whose range lies inside the request:
+ *     payload received into the buffer, then event DATA(cookie, offset, length, flags);
+ *   - a simple reply with error 0 to a registered read (simple replies negotiated): payload
+ *     received, then event SIMPLE_READ(cookie).
  *
- * The caller must keep BUFFER alive until its callback, and call readerStop() before it
- * reuses BUFFER for anything else or closes the fd (readerStop joins, so then nothing writes).
+ * Every other chunk or reply (NONE, OFFSET_HOLE, BLOCK_STATUS, errors, replies to other
+ * commands) is received whole and handed to JS as RAW bytes for its decoder, which checks it.
+ * Anything malformed (bad magic, unknown cookie in a data chunk, a range outside the request, a
+ * body over 64 MiB) is handed over as RAW from there on, and from then on every byte goes to JS
+ * as RAW: the JS decoder reports the violation. End of stream is event END (midReply = 1 when
+ * it cuts a reply the thread was receiving); a socket error is event ERROR(-errno).
+ *
+ *   readerStart(fd, structured, onEvent) -> handle     fd is dup'ed: JS may close its own
+ *   readerExpect(handle, cookie, buffer, offset)       before sending the read
+ *   readerForget(handle, cookie)                       after the read's reply (idempotent)
+ *   readerStop(handle)                                 stop and join; no events afterwards
+ *
+ * onEvent(kind, cookie, offset, length, flags, raw): kind RAW=0 (raw: Buffer), DATA=1,
+ * SIMPLE_READ=2, END=3 (flags: midReply), ERROR=4 (length: -errno).
+ * JS must keep each registered buffer alive and untouched until its read is answered or
+ * readerStop() returned (readerStop joins, so nothing writes afterwards).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -31,19 +43,41 @@
 
 #include "socket_reader.h"
 
+#define SIMPLE_MAGIC 0x67446698u
+#define STRUCTURED_MAGIC 0x668e33efu
+#define REPLY_TYPE_OFFSET_DATA 1
+#define REPLY_FLAG_DONE 1
+#define MAX_CHUNK_BODY (64u * 1024 * 1024)
+#define RAW_READ 65536
+
+enum { EV_RAW = 0, EV_DATA = 1, EV_SIMPLE_READ = 2, EV_END = 3, EV_ERROR = 4 };
+
 typedef struct {
-  int fd;
+  uint32_t cookie;
+  uint8_t *buf;
+  uint64_t offset;
+  uint64_t length;
+} expect_t;
+
+typedef struct {
+  int kind;
+  uint32_t cookie;
+  uint64_t offset;
+  int64_t length;
+  uint32_t flags;
+  uint8_t *raw;
+  size_t raw_len;
+} event_t;
+
+typedef struct {
+  int fd; /* our dup of the socket */
   int wakefd;
+  int structured;
   pthread_t thread;
   pthread_mutex_t mu;
-  pthread_cond_t cv;
-  uint8_t *buf; /* current job, NULL when none */
-  size_t min, max;
-  uint8_t *ahead; /* optional second buffer, filled without waiting */
-  size_t ahead_len;
-  int busy;    /* a job is queued or running (set by JS, cleared by the thread) */
-  int stop;    /* readerStop() was called */
-  int stopped; /* joined */
+  expect_t *expects;
+  size_t n_expects, cap_expects;
+  int stopped; /* joined (main thread only) */
   int refs;    /* the JS handle and the thread-safe function; freed at 0 (main thread only) */
   napi_threadsafe_function tsfn;
 } reader_t;
@@ -53,80 +87,218 @@ typedef struct {
     if ((call) != napi_ok) return 0; \
   } while (0)
 
+static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
+
 static void unref(reader_t *r) {
   if (--r->refs) return;
   pthread_mutex_destroy(&r->mu);
-  pthread_cond_destroy(&r->cv);
+  free(r->expects);
   free(r);
 }
 
-/* Receive at least r->min bytes; returns the count, 0 at end of stream, -errno, or INT64_MIN on stop. */
-static int64_t receive(reader_t *r, uint8_t *buf, size_t min, size_t max) {
-  size_t got = 0;
-  while (got < min) {
-    ssize_t n = recv(r->fd, buf + got, max - got, 0);
-    if (n > 0) {
-      got += (size_t)n;
+/* ------------------------------------------------------------------ registrations */
+
+/* Find and (if take) remove the registration for cookie; returns 1 if found. */
+static int lookup(reader_t *r, uint32_t cookie, expect_t *out, int take) {
+  int found = 0;
+  pthread_mutex_lock(&r->mu);
+  for (size_t i = 0; i < r->n_expects; i++) {
+    if (r->expects[i].cookie != cookie) continue;
+    *out = r->expects[i];
+    if (take) r->expects[i] = r->expects[--r->n_expects];
+    found = 1;
+    break;
+  }
+  pthread_mutex_unlock(&r->mu);
+  return found;
+}
+
+/* ------------------------------------------------------------------ thread */
+
+/* Status of receive_exact: bytes all there, stopped, end of stream, or -errno. */
+enum { RX_OK = 0, RX_STOP = 1, RX_EOF = 2 };
+
+/* Receive exactly n bytes (*got counts progress, also on failure). */
+static int receive_exact(reader_t *r, uint8_t *buf, size_t n, size_t *got) {
+  *got = 0;
+  while (*got < n) {
+    ssize_t k = recv(r->fd, buf + *got, n - *got, 0);
+    if (k > 0) {
+      *got += (size_t)k;
       continue;
     }
-    if (n == 0) break;
+    if (k == 0) return RX_EOF;
     if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return got ? (int64_t)got : -(int64_t)errno;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
     struct pollfd p[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = r->wakefd, .events = POLLIN}};
-    if (poll(p, 2, -1) < 0 && errno != EINTR) return got ? (int64_t)got : -(int64_t)errno;
-    if (p[1].revents) return INT64_MIN;
+    if (poll(p, 2, -1) < 0 && errno != EINTR) return -errno;
+    if (p[1].revents) return RX_STOP;
   }
-  return (int64_t)got;
+  return RX_OK;
+}
+
+/* Queue an event for JS; returns 0 when the function is closing (stop). */
+static int emit(reader_t *r, int kind, uint32_t cookie, uint64_t offset, int64_t length, uint32_t flags, const uint8_t *raw, size_t raw_len) {
+  event_t *e = calloc(1, sizeof *e);
+  if (!e) return 0;
+  e->kind = kind;
+  e->cookie = cookie;
+  e->offset = offset;
+  e->length = length;
+  e->flags = flags;
+  if (raw_len) {
+    e->raw = malloc(raw_len);
+    if (!e->raw) {
+      free(e);
+      return 0;
+    }
+    memcpy(e->raw, raw, raw_len);
+    e->raw_len = raw_len;
+  }
+  if (napi_call_threadsafe_function(r->tsfn, e, napi_tsfn_blocking) != napi_ok) {
+    free(e->raw);
+    free(e);
+    return 0;
+  }
+  return 1;
+}
+
+/* After receive_exact failed: report it (and what was received as RAW); returns 0 to end the thread. */
+static int failed(reader_t *r, int status, const uint8_t *partial, size_t partial_len, int mid_reply) {
+  if (status == RX_STOP) return 0;
+  if (partial_len) emit(r, EV_RAW, 0, 0, 0, 0, partial, partial_len);
+  if (status == RX_EOF) emit(r, EV_END, 0, 0, 0, (mid_reply || partial_len) ? 1 : 0, NULL, 0);
+  else emit(r, EV_ERROR, 0, 0, status, 0, NULL, 0);
+  return 0;
+}
+
+/* Everything from here on goes to JS as it arrives. */
+static void raw_mode(reader_t *r) {
+  uint8_t *buf = malloc(RAW_READ);
+  if (!buf) return;
+  for (;;) {
+    ssize_t k = recv(r->fd, buf, RAW_READ, 0);
+    if (k > 0) {
+      if (!emit(r, EV_RAW, 0, 0, 0, 0, buf, (size_t)k)) break;
+      continue;
+    }
+    if (k == 0) {
+      emit(r, EV_END, 0, 0, 0, 0, NULL, 0);
+      break;
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      emit(r, EV_ERROR, 0, 0, -errno, 0, NULL, 0);
+      break;
+    }
+    struct pollfd p[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = r->wakefd, .events = POLLIN}};
+    if (poll(p, 2, -1) < 0 && errno != EINTR) break;
+    if (p[1].revents) break;
+  }
+  free(buf);
+}
+
+/* One reply (simple) or chunk (structured); returns 0 to end the thread, -1 to switch to raw mode. */
+static int one_reply(reader_t *r) {
+  uint8_t h[32];
+  size_t got;
+  int st = receive_exact(r, h, 16, &got);
+  if (st != RX_OK) return failed(r, st, h, got, 0);
+  uint32_t magic = be32(h);
+  uint32_t cookie_hi = be32(h + 8), cookie = be32(h + 12);
+  expect_t e;
+
+  if (magic == SIMPLE_MAGIC) {
+    uint32_t error = be32(h + 4);
+    if (!r->structured && error == 0 && cookie_hi == 0 && lookup(r, cookie, &e, 1)) {
+      st = receive_exact(r, e.buf, e.length, &got);
+      if (st != RX_OK) return failed(r, st, NULL, 0, 1);
+      return emit(r, EV_SIMPLE_READ, cookie, 0, 0, 0, NULL, 0);
+    }
+    /* errors, replies to other commands; anything JS rejects ends the connection there */
+    return emit(r, EV_RAW, 0, 0, 0, 0, h, 16);
+  }
+  if (magic != STRUCTURED_MAGIC || !r->structured) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, 16);
+    return -1;
+  }
+  uint16_t flags = be16(h + 4), type = be16(h + 6);
+  if (type == REPLY_TYPE_OFFSET_DATA) {
+    if (cookie_hi != 0 || !lookup(r, cookie, &e, 0)) {
+      emit(r, EV_RAW, 0, 0, 0, 0, h, 16);
+      return -1;
+    }
+    st = receive_exact(r, h + 16, 12, &got);
+    if (st != RX_OK) return failed(r, st, h, 16 + got, 0);
+    uint32_t length = be32(h + 16);
+    uint64_t offset = be64(h + 20);
+    uint64_t len = length >= 8 ? length - 8 : 0;
+    if (len == 0 || offset < e.offset || offset - e.offset > e.length || len > e.length - (offset - e.offset)) {
+      emit(r, EV_RAW, 0, 0, 0, 0, h, 28);
+      return -1;
+    }
+    st = receive_exact(r, e.buf + (offset - e.offset), len, &got);
+    if (st != RX_OK) return failed(r, st, NULL, 0, 1);
+    if (flags & REPLY_FLAG_DONE) lookup(r, cookie, &e, 1);
+    return emit(r, EV_DATA, cookie, offset, (int64_t)len, flags, NULL, 0);
+  }
+  /* any other chunk: whole, to JS */
+  st = receive_exact(r, h + 16, 4, &got);
+  if (st != RX_OK) return failed(r, st, h, 16 + got, 0);
+  uint32_t length = be32(h + 16);
+  if (length > MAX_CHUNK_BODY) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, 20);
+    return -1;
+  }
+  uint8_t *chunk = malloc(20 + (size_t)length);
+  if (!chunk) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, 20);
+    return -1;
+  }
+  memcpy(chunk, h, 20);
+  st = receive_exact(r, chunk + 20, length, &got);
+  if (st != RX_OK) {
+    int ret = failed(r, st, chunk, 20 + got, 0);
+    free(chunk);
+    return ret;
+  }
+  int ok = emit(r, EV_RAW, 0, 0, 0, 0, chunk, 20 + (size_t)length);
+  free(chunk);
+  return ok;
 }
 
 static void *run(void *arg) {
   reader_t *r = arg;
-  for (;;) {
-    pthread_mutex_lock(&r->mu);
-    while (!r->buf && !r->stop) pthread_cond_wait(&r->cv, &r->mu);
-    if (r->stop) {
-      pthread_mutex_unlock(&r->mu);
-      return NULL;
-    }
-    uint8_t *buf = r->buf, *ahead = r->ahead;
-    size_t min = r->min, max = r->max, ahead_len = r->ahead_len;
-    pthread_mutex_unlock(&r->mu);
-
-    int64_t n = receive(r, buf, min, max);
-    if (n == INT64_MIN) return NULL;
-    int64_t m = 0;
-    if (n > 0 && ahead) {
-      ssize_t a;
-      do a = recv(r->fd, ahead, ahead_len, MSG_DONTWAIT);
-      while (a < 0 && errno == EINTR);
-      m = a > 0 ? a : 0; /* end of stream or an error shows up in the next job */
-    }
-    /* one value through the queue: n * 256 + m (m <= 255), or n <= 0 alone */
-    n = n > 0 ? n * 256 + m : n;
-    pthread_mutex_lock(&r->mu);
-    r->buf = NULL;
-    r->busy = 0;
-    pthread_mutex_unlock(&r->mu);
-    if (napi_call_threadsafe_function(r->tsfn, (void *)(intptr_t)n, napi_tsfn_blocking) != napi_ok) return NULL;
+  int st;
+  while ((st = one_reply(r)) > 0) {
   }
+  if (st < 0) raw_mode(r);
+  return NULL;
 }
+
+/* ------------------------------------------------------------------ JS side */
 
 static void call_js(napi_env env, napi_value cb, void *context, void *data) {
   reader_t *r = context;
-  if (!env || r->stopped) return; /* torn down, or stopped after this result was queued */
-  int64_t v = (int64_t)(intptr_t)data;
-  napi_value undefined, argv[2];
-  if (napi_get_undefined(env, &undefined) != napi_ok) return;
-  if (napi_create_int64(env, v > 0 ? v / 256 : v, &argv[0]) != napi_ok || napi_create_int64(env, v > 0 ? v % 256 : 0, &argv[1]) != napi_ok) return;
-  napi_call_function(env, undefined, cb, 2, argv, NULL);
+  event_t *e = data;
+  if (env && !r->stopped) {
+    napi_value undefined, argv[6];
+    if (napi_get_undefined(env, &undefined) == napi_ok && napi_create_int32(env, e->kind, &argv[0]) == napi_ok &&
+        napi_create_uint32(env, e->cookie, &argv[1]) == napi_ok && napi_create_double(env, (double)e->offset, &argv[2]) == napi_ok &&
+        napi_create_double(env, (double)e->length, &argv[3]) == napi_ok && napi_create_uint32(env, e->flags, &argv[4]) == napi_ok) {
+      void *copy;
+      if (e->raw_len ? napi_create_buffer_copy(env, e->raw_len, e->raw, &copy, &argv[5]) == napi_ok : napi_get_undefined(env, &argv[5]) == napi_ok)
+        napi_call_function(env, undefined, cb, 6, argv, NULL);
+    }
+  }
+  free(e->raw);
+  free(e);
 }
 
 static void stop(reader_t *r) {
   if (r->stopped) return;
-  pthread_mutex_lock(&r->mu);
-  r->stop = 1;
-  pthread_cond_signal(&r->cv);
-  pthread_mutex_unlock(&r->mu);
   uint64_t one = 1;
   ssize_t w;
   do w = write(r->wakefd, &one, sizeof one);
@@ -134,6 +306,7 @@ static void stop(reader_t *r) {
   pthread_join(r->thread, NULL);
   r->stopped = 1;
   close(r->wakefd);
+  close(r->fd);
   napi_release_threadsafe_function(r->tsfn, napi_tsfn_abort);
 }
 
@@ -154,15 +327,17 @@ static reader_t *get_reader(napi_env env, napi_value v) {
   return p;
 }
 
-/* readerStart(fd, onRead) -> handle */
+/* readerStart(fd, structured, onEvent) -> handle */
 static napi_value ReaderStart(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
+  size_t argc = 3;
+  napi_value argv[3];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t fd;
+  bool structured;
   napi_valuetype t;
-  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0 || napi_typeof(env, argv[1], &t) != napi_ok || t != napi_function) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerStart(fd, onRead)");
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0 || napi_get_value_bool(env, argv[1], &structured) != napi_ok ||
+      napi_typeof(env, argv[2], &t) != napi_ok || t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerStart(fd, structured, onEvent)");
     return NULL;
   }
   reader_t *r = calloc(1, sizeof *r);
@@ -170,20 +345,23 @@ static napi_value ReaderStart(napi_env env, napi_callback_info info) {
     napi_throw_error(env, "ENOMEM", "readerStart: out of memory");
     return NULL;
   }
-  r->fd = fd;
+  r->structured = structured;
   r->refs = 2;
+  r->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   pthread_mutex_init(&r->mu, NULL);
-  pthread_cond_init(&r->cv, NULL);
   r->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   napi_value name;
-  if (r->wakefd < 0 || napi_create_string_utf8(env, "nbdstream socket reader", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_threadsafe_function(env, argv[1], NULL, name, 0, 1, r, tsfn_finalize, r, call_js, &r->tsfn) != napi_ok) {
+  if (r->fd < 0 || r->wakefd < 0 || napi_create_string_utf8(env, "nbdstream socket reader", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, r, tsfn_finalize, r, call_js, &r->tsfn) != napi_ok) {
+    if (r->fd >= 0) close(r->fd);
     if (r->wakefd >= 0) close(r->wakefd);
+    pthread_mutex_destroy(&r->mu);
     free(r);
     napi_throw_error(env, "ERR_NATIVE", "readerStart: cannot set up the reader");
     return NULL;
   }
   if (pthread_create(&r->thread, NULL, run, r) != 0) {
+    close(r->fd);
     close(r->wakefd);
     r->stopped = 1;
     r->refs = 1; /* only the thread-safe function's */
@@ -200,47 +378,55 @@ static napi_value ReaderStart(napi_env env, napi_callback_info info) {
   return handle;
 }
 
-/* readerFill(handle, buffer, min[, ahead]) */
-static napi_value ReaderFill(napi_env env, napi_callback_info info) {
+/* readerExpect(handle, cookie, buffer, offset) */
+static napi_value ReaderExpect(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 3) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerFill(handle, buffer, min)");
+  if (argc < 4) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerExpect(handle, cookie, buffer, offset)");
     return NULL;
   }
   reader_t *r = get_reader(env, argv[0]);
   if (!r) return NULL;
+  uint32_t cookie;
   void *data;
   size_t len;
-  int64_t min;
-  if (napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok || napi_get_value_int64(env, argv[2], &min) != napi_ok || len == 0 || min < 1 ||
-      (uint64_t)min > len) {
-    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerFill: need a non-empty buffer and 1 <= min <= its length");
+  double offset;
+  if (napi_get_value_uint32(env, argv[1], &cookie) != napi_ok || napi_get_buffer_info(env, argv[2], &data, &len) != napi_ok || len == 0 ||
+      napi_get_value_double(env, argv[3], &offset) != napi_ok || offset < 0 || offset > 9007199254740991.0) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerExpect: need a cookie, a non-empty buffer and an offset");
     return NULL;
   }
-  void *ahead = NULL;
-  size_t ahead_len = 0;
-  napi_valuetype at = napi_undefined;
-  if (argc > 3 && napi_typeof(env, argv[3], &at) == napi_ok && at != napi_undefined) {
-    if (napi_get_buffer_info(env, argv[3], &ahead, &ahead_len) != napi_ok || ahead_len == 0 || ahead_len > 255) {
-      napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerFill: ahead must be a buffer of 1 to 255 bytes");
-      return NULL;
-    }
-  }
   pthread_mutex_lock(&r->mu);
-  int refused = r->stop || r->busy;
-  if (!refused) {
-    r->buf = data;
-    r->min = (size_t)min;
-    r->max = len;
-    r->ahead = ahead;
-    r->ahead_len = ahead_len;
-    r->busy = 1;
-    pthread_cond_signal(&r->cv);
+  int ok = 1;
+  if (r->n_expects == r->cap_expects) {
+    size_t cap = r->cap_expects ? r->cap_expects * 2 : 64;
+    expect_t *grown = realloc(r->expects, cap * sizeof *grown);
+    if (grown) {
+      r->expects = grown;
+      r->cap_expects = cap;
+    } else ok = 0;
   }
+  if (ok) r->expects[r->n_expects++] = (expect_t){.cookie = cookie, .buf = data, .offset = (uint64_t)offset, .length = len};
   pthread_mutex_unlock(&r->mu);
-  if (refused) napi_throw_error(env, "ERR_INVALID_STATE", "readerFill: reader stopped or busy");
+  if (!ok) napi_throw_error(env, "ENOMEM", "readerExpect: out of memory");
+  return NULL;
+}
+
+/* readerForget(handle, cookie) */
+static napi_value ReaderForget(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  reader_t *r = argc >= 2 ? get_reader(env, argv[0]) : NULL;
+  uint32_t cookie;
+  if (!r || napi_get_value_uint32(env, argv[1], &cookie) != napi_ok) {
+    if (r) napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerForget(handle, cookie)");
+    return NULL;
+  }
+  expect_t e;
+  lookup(r, cookie, &e, 1);
   return NULL;
 }
 
@@ -261,7 +447,8 @@ static napi_value ReaderStop(napi_env env, napi_callback_info info) {
 napi_status socket_reader_init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"readerStart", NULL, ReaderStart, NULL, NULL, NULL, napi_enumerable, NULL},
-      {"readerFill", NULL, ReaderFill, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"readerExpect", NULL, ReaderExpect, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"readerForget", NULL, ReaderForget, NULL, NULL, NULL, napi_enumerable, NULL},
       {"readerStop", NULL, ReaderStop, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   return napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -17,6 +17,12 @@ import { ByteReader } from './reader.js';
 import type { NbdAddress } from './uri.js';
 import { native, type SocketReader } from '../native.js';
 
+/** Events from the native reader (native/socket_reader.c). */
+const READER_RAW = 0;
+const READER_DATA = 1;
+const READER_SIMPLE_READ = 2;
+const READER_END = 3;
+
 // node:tls is loaded only for TLS connections. require(), not import(): the CLI bundle runs
 // in a vm.Script (bin/launch.cts), where import() has no loader.
 const nodeRequire = createRequire(import.meta.url);
@@ -225,38 +231,36 @@ export class NbdConnection implements ReplyHandler {
   receiver: 'native' | 'libuv' | 'tls' = 'tls';
 
   /**
-   * Hand receiving over to a native thread: libuv stops reading this socket, the thread receives
-   * each header and whole payload into the decoder's buffers. NBDSTREAM_NATIVE_READER=0 (or no
-   * addon) keeps libuv's reads.
+   * Hand receiving over to a native thread (native/socket_reader.c): libuv stops reading this
+   * socket; the thread receives read payloads straight into the registered request buffers and
+   * hands every other reply to the decoder. NBDSTREAM_NATIVE_READER=0 (or no addon) keeps
+   * libuv's reads.
    */
   private startNativeReader(raw: net.Socket): void {
     const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (!native?.readerStart || process.env.NBDSTREAM_NATIVE_READER === '0' || typeof fd !== 'number' || fd < 0 || this.failure) return;
     raw.pause();
-    this.nativeReader = native.readerStart(fd, (n, nAhead) => this.onNativeRead(n, nAhead));
+    this.nativeReader = native.readerStart(fd, this.info.structuredReplies, (kind, cookie, offset, length, flags, raw) =>
+      this.onNativeEvent(kind, cookie, offset, length, flags, raw),
+    );
     this.receiver = 'native';
-    this.fillNative();
   }
 
-  /** The next reply's header, received right after a payload (one thread round trip per reply). */
-  private readonly ahead = Buffer.allocUnsafe(32);
-
-  private fillNative(): void {
-    const d = this.decoder!;
-    native!.readerFill(this.nativeReader!, d.nextBuffer(), d.minNeeded(), d.inPayload ? this.ahead : undefined);
-  }
-
-  private onNativeRead(n: number, nAhead: number): void {
+  private onNativeEvent(kind: number, cookie: number, offset: number, length: number, flags: number, raw: Buffer | undefined): void {
     if (!this.nativeReader) return;
-    if (n > 0) {
-      this.decoder!.advance(n);
-      if (nAhead && this.nativeReader) this.decoder!.push(this.ahead.subarray(0, nAhead));
-      if (this.nativeReader) this.fillNative();
-      return;
+    const d = this.decoder!;
+    switch (kind) {
+      case READER_RAW:
+        return d.push(raw!);
+      case READER_DATA:
+        return d.dataReceived(cookie, offset, length, flags);
+      case READER_SIMPLE_READ:
+        return d.simpleReadReceived(cookie);
+      case READER_END:
+        return this.lostByServer(flags === 1);
+      default:
+        this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${getSystemErrorName(length)}`, { cause: Object.assign(new Error(`recv: errno ${-length}`), { errno: length }) }));
     }
-    const err: NodeJS.ErrnoException | undefined = n < 0 ? Object.assign(new Error(`recv: errno ${-n}`), { errno: n }) : undefined;
-    if (err) this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${getSystemErrorName(n)}`, { cause: err }));
-    else this.lostByServer();
   }
 
   /** Stop the reader thread (joins it: nothing writes into request buffers afterwards). */
@@ -274,12 +278,13 @@ export class NbdConnection implements ReplyHandler {
     s.on('close', () => this.lostByServer());
   }
 
-  private lostByServer(): void {
+  /** The server closed the connection; `cut`: the native reader was inside a reply. */
+  private lostByServer(cut = false): void {
     // ERR_CLOSED even when a reply was cut short: to the client a truncated reply and a
     // dropped connection look the same, and both may be retried (--retries).
     const n = this.pending.size;
     const pending = n ? ` with ${n} request${n > 1 ? 's' : ''} pending` : '';
-    const midReply = this.decoder && !this.decoder.idle && !this.decoder.dead ? ' in the middle of a reply' : '';
+    const midReply = cut || (this.decoder && !this.decoder.idle && !this.decoder.dead) ? ' in the middle of a reply' : '';
     this.lost(new NbdStreamError('ERR_CLOSED', `server closed the connection${midReply}${pending}`));
   }
 
@@ -388,6 +393,7 @@ export class NbdConnection implements ReplyHandler {
 
   private finish(r: Request): void {
     this.pending.delete(r.cookie);
+    if (this.nativeReader && r.type === NBD_CMD_READ) native!.readerForget(this.nativeReader, r.cookie);
     this.inFlight--;
     this.inFlightBytes -= r.cost;
     if (r.error) r.reject(r.error);
@@ -445,6 +451,7 @@ export class NbdConnection implements ReplyHandler {
       r.contextId = contextId;
       if (this.timeoutTimer) r.sent = Date.now();
       this.pending.set(cookie, r);
+      if (this.nativeReader && type === NBD_CMD_READ && dest && length > 0) native!.readerExpect(this.nativeReader, cookie, dest.length === length ? dest : dest.subarray(0, length), offset);
       // Requests made in the same tick go out in one writev (fewer syscalls and server wakeups).
       if (!this.corked) {
         this.corked = true;

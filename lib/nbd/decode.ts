@@ -203,16 +203,22 @@ export class ReplyDecoder {
     return this.scratch.subarray(this.have, this.state === S_HEADER && this.structured ? HEADER_READ : this.need);
   }
 
-  /** nextBuffer() is a read payload: a reply header comes after it. */
-  get inPayload(): boolean {
-    return this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD;
+  /**
+   * An OFFSET_DATA chunk was received elsewhere (the native reader checked its header and range
+   * and put its payload in the request's dest): report it as if it had been parsed here.
+   */
+  dataReceived(cookie: number, offset: number, length: number, flags: number): void {
+    if (this.state === S_DEAD) return;
+    if (!this.idle || this.handler.lookup(cookie)?.type !== NBD_CMD_READ) return this.fail(`data chunk for cookie ${cookie} out of place`);
+    this.handler.onData(cookie, offset, length);
+    if (flags & NBD_REPLY_FLAG_DONE && this.state !== S_DEAD) this.handler.onDone(cookie);
   }
 
-  /** Bytes of nextBuffer() needed before anything can be parsed (a whole payload or header). */
-  minNeeded(): number {
-    if (this.state === S_SIMPLE_PAYLOAD || this.state === S_DATA_PAYLOAD) return this.destEnd - this.destPos;
-    if (this.state === S_DEAD) return 1;
-    return this.need - this.have;
+  /** A simple reply with its read payload was received elsewhere (see dataReceived). */
+  simpleReadReceived(cookie: number): void {
+    if (this.state === S_DEAD) return;
+    if (!this.idle || this.handler.lookup(cookie)?.type !== NBD_CMD_READ) return this.fail(`read reply for cookie ${cookie} out of place`);
+    this.handler.onSimpleReply(cookie, 0);
   }
 
   /** `n` bytes were written at the start of the buffer last returned by nextBuffer(). */
