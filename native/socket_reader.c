@@ -327,6 +327,17 @@ static reader_t *get_reader(napi_env env, napi_value v) {
   return p;
 }
 
+/* The reader handle in argv[0] of a call with at least n arguments; NULL (and a pending exception) if not. */
+static reader_t *reader_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv, const char *usage) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc < n) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", usage);
+    return NULL;
+  }
+  return get_reader(env, argv[0]);
+}
+
 /* readerStart(fd, structured, onEvent) -> handle */
 static napi_value ReaderStart(napi_env env, napi_callback_info info) {
   size_t argc = 3;
@@ -380,14 +391,8 @@ static napi_value ReaderStart(napi_env env, napi_callback_info info) {
 
 /* readerExpect(handle, cookie, buffer, offset) */
 static napi_value ReaderExpect(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
   napi_value argv[4];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 4) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerExpect(handle, cookie, buffer, offset)");
-    return NULL;
-  }
-  reader_t *r = get_reader(env, argv[0]);
+  reader_t *r = reader_args(env, info, 4, argv, "readerExpect(handle, cookie, buffer, offset)");
   if (!r) return NULL;
   uint32_t cookie;
   void *data;
@@ -416,13 +421,12 @@ static napi_value ReaderExpect(napi_env env, napi_callback_info info) {
 
 /* readerForget(handle, cookie) */
 static napi_value ReaderForget(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  reader_t *r = argc >= 2 ? get_reader(env, argv[0]) : NULL;
+  reader_t *r = reader_args(env, info, 2, argv, "readerForget(handle, cookie)");
   uint32_t cookie;
-  if (!r || napi_get_value_uint32(env, argv[1], &cookie) != napi_ok) {
-    if (r) napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerForget(handle, cookie)");
+  if (!r) return NULL;
+  if (napi_get_value_uint32(env, argv[1], &cookie) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerForget(handle, cookie)");
     return NULL;
   }
   expect_t e;
@@ -432,14 +436,8 @@ static napi_value ReaderForget(napi_env env, napi_callback_info info) {
 
 /* readerStop(handle) */
 static napi_value ReaderStop(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 1) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerStop(handle)");
-    return NULL;
-  }
-  reader_t *r = get_reader(env, argv[0]);
+  reader_t *r = reader_args(env, info, 1, argv, "readerStop(handle)");
   if (r) stop(r);
   return NULL;
 }
