@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import yargs from 'yargs';
 import { copy, checkRequestSize, type CopySummary } from '../lib/copy.js';
 import { NbdStreamError } from '../lib/errors.js';
+import { DEFAULT_QUEUE_SIZE } from '../lib/streams/extent-source.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
@@ -116,7 +117,7 @@ async function main(): Promise<void> {
     .option('pipe-format', { type: 'string', describe: 'raw or extents (holes as records, docs/extent-stream.md): the format of a "-" or FIFO destination (default raw; the source then detects its own), else forces a pipe source\'s (default: detected)' })
     .option('dirty-bitmap', { type: 'string', describe: 'Copy only the ranges dirty in the NBD source\'s qemu:dirty-bitmap:NAME; leave the rest of the destination as it is' })
     .option('progress', { type: 'string', describe: 'Progress bar on stderr (-p), "N/100" lines to FD (--progress=FD), or JSON lines on stderr or FD (--progress=json[:FD])' })
-    .option('queue-size', { type: 'string', describe: 'Bytes of requests in flight (default 16M)' })
+    .option('queue-size', { type: 'string', describe: 'Bytes of read buffers held, from the read until written (default 32M)' })
     .option('request-size', { type: 'string', describe: 'Request size, a power of two 4K-32M (default 256K)' })
     .option('requests', { alias: 'R', type: 'string', describe: 'Requests in flight per connection (default 64)' })
     .option('sparse', { alias: 'S', type: 'string', describe: 'Detect zero blocks of this size (default 4096, 0 = off)' })
@@ -252,7 +253,7 @@ async function main(): Promise<void> {
             process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
             if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
             process.stderr.write(
-              `nbdstream: request-size=${requestSize} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${options.queueSize ?? 16 << 20} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
+              `nbdstream: request-size=${requestSize} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
             );
           }
         : undefined,

@@ -9,6 +9,7 @@ import { Writable } from 'streamx';
 import { WORK_RANGE, type Chunk } from '../extents.js';
 import type { Endpoint } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
+import { DEFAULT_QUEUE_SIZE } from './extent-source.js';
 
 export interface SinkOptions {
   /** Data is written in requests that do not cross multiples of this (default 256 KiB). */
@@ -46,7 +47,7 @@ export class Sink extends Writable {
   private failure: Error | undefined;
 
   constructor(dst: Endpoint, options: SinkOptions = {}) {
-    const queueSize = options.queueSize ?? 16 * 1024 * 1024;
+    const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
     super({ highWaterMark: Math.min(queueSize, 1024 * 1024), byteLength: (c) => ((c as Chunk).kind === 'data' ? (c as Chunk).length : 64) });
     this.dst = dst;
     this.maxRequests = dst.capabilities.seekable ? Math.max(1, options.requests ?? 64) : 16;
