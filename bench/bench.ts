@@ -1,7 +1,8 @@
 /**
  * Benchmark: nbdstream against nbdcopy (and qemu-img convert where it applies) on the same data,
  * in one run, printing times, speed ratios and peak RSS. The machine is shared and noisy: each
- * case runs every tool REPEAT times (default 3), interleaved, and the best time counts.
+ * case runs every tool REPEAT times (default 3), interleaved; the best time counts, and the
+ * ratio of the median times is printed too (on this machine it is the steadier of the two).
  *
  *   npm run bench [-- --repeat N] [-- --only NAME] [-- --skip NAME]
  *
@@ -179,6 +180,11 @@ cases.push(
   },
 );
 
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
 function fmt(r: Run | undefined): string {
   return r ? `${r.seconds.toFixed(2)} s` : '-';
 }
@@ -191,10 +197,11 @@ function main(): void {
   const s4 = path.join(dir, 'sparse4g.img');
   execFileSync('truncate', ['-s', String(4 * GiB), s4]);
   execFileSync('sh', ['-c', `for i in $(seq 0 203); do dd if=${dense} of=${s4} bs=1M count=1 skip=$i seek=$((i*20)) conv=notrunc status=none; done`]);
-  const rows: string[][] = [['case', 'nbdstream', 'nbdcopy', 'qemu-img', 'speed vs nbdcopy', 'nbdstream RSS', 'nbdstream CPU/GiB', 'nbdcopy CPU/GiB']];
+  const rows: string[][] = [['case', 'nbdstream', 'nbdcopy', 'qemu-img', 'speed vs nbdcopy', 'median ratio', 'nbdstream RSS', 'nbdstream CPU/GiB', 'nbdcopy CPU/GiB']];
   for (const c of cases) {
     if ((only && !c.name.includes(only)) || (skip && c.name.includes(skip))) continue;
     const best: Record<string, Run | undefined> = {};
+    const times: Record<string, number[]> = { nbdstream: [], nbdcopy: [] };
     for (let i = 0; i < repeat; i++) {
       for (const [tool, cmd] of [
         ['nbdstream', c.nbdstream],
@@ -205,6 +212,7 @@ function main(): void {
         c.before?.();
         const r = timed(c.server, cmd);
         if (!best[tool] || r.seconds < best[tool]!.seconds) best[tool] = r;
+        times[tool]?.push(r.seconds);
       }
     }
     const s = best.nbdstream!;
@@ -216,6 +224,7 @@ function main(): void {
       fmt(n),
       fmt(best['qemu-img']),
       `${(n.seconds / Math.max(s.seconds, 0.005)).toFixed(2)}×`,
+      `${(median(times.nbdcopy) / Math.max(median(times.nbdstream), 0.005)).toFixed(2)}×`,
       `${(s.rssKiB / 1024).toFixed(0)} MiB`,
       `${(s.cpu / gib).toFixed(2)} s`,
       `${(n.cpu / gib).toFixed(2)} s`,
@@ -224,7 +233,7 @@ function main(): void {
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   for (const r of rows) process.stdout.write(r.map((x, i) => x.padEnd(widths[i])).join('  ') + '\n');
-  process.stdout.write(`(best of ${repeat}; "speed vs nbdcopy" = nbdcopy time / nbdstream time, > 1 is faster)\n`);
+  process.stdout.write(`(best of ${repeat}; "speed vs nbdcopy" = nbdcopy time / nbdstream time, > 1 is faster; "median ratio" the same for the median times)\n`);
 }
 
 try {
