@@ -16,16 +16,6 @@ import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
 import type { NbdAddress } from './uri.js';
 import { native, type SocketReader } from '../native.js';
-
-/** Events from the native reader (native/socket_reader.c). */
-const READER_RAW = 0;
-const READER_DATA = 1;
-const READER_SIMPLE_READ = 2;
-const READER_END = 3;
-
-// node:tls is loaded only for TLS connections. require(), not import(): the CLI bundle runs
-// in a vm.Script (bin/launch.cts), where import() has no loader.
-const nodeRequire = createRequire(import.meta.url);
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_DISC,
@@ -36,6 +26,16 @@ import {
   nbdErrorName,
   nbdErrorText,
 } from './protocol.js';
+
+/** Events from the native reader (native/socket_reader.c). */
+const READER_RAW = 0;
+const READER_DATA = 1;
+const READER_SIMPLE_READ = 2;
+const READER_END = 3;
+
+// node:tls is loaded only for TLS connections. require(), not import(): the CLI bundle runs
+// in a vm.Script (bin/launch.cts), where import() has no loader.
+const nodeRequire = createRequire(import.meta.url);
 
 export interface ConnectionOptions {
   /** Name used in error messages (normally the URI). */

@@ -208,17 +208,22 @@ export class ReplyDecoder {
    * and put its payload in the request's dest): report it as if it had been parsed here.
    */
   dataReceived(cookie: number, offset: number, length: number, flags: number): void {
-    if (this.state === S_DEAD) return;
-    if (!this.idle || this.handler.lookup(cookie)?.type !== NBD_CMD_READ) return this.fail(`data chunk for cookie ${cookie} out of place`);
+    if (!this.receivedElsewhere(cookie, 'data chunk')) return;
     this.handler.onData(cookie, offset, length);
     if (flags & NBD_REPLY_FLAG_DONE && this.state !== S_DEAD) this.handler.onDone(cookie);
   }
 
   /** A simple reply with its read payload was received elsewhere (see dataReceived). */
   simpleReadReceived(cookie: number): void {
-    if (this.state === S_DEAD) return;
-    if (!this.idle || this.handler.lookup(cookie)?.type !== NBD_CMD_READ) return this.fail(`read reply for cookie ${cookie} out of place`);
-    this.handler.onSimpleReply(cookie, 0);
+    if (this.receivedElsewhere(cookie, 'read reply')) this.handler.onSimpleReply(cookie, 0);
+  }
+
+  /** A reply part parsed elsewhere may be reported only between replies, for a pending read. */
+  private receivedElsewhere(cookie: number, what: string): boolean {
+    if (this.state === S_DEAD) return false;
+    if (this.idle && this.handler.lookup(cookie)?.type === NBD_CMD_READ) return true;
+    this.fail(`${what} for cookie ${cookie} out of place`);
+    return false;
   }
 
   /** `n` bytes were written at the start of the buffer last returned by nextBuffer(). */
