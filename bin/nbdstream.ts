@@ -15,6 +15,7 @@ import { packageVersion } from '../lib/package-info.js';
 import { parseBlkhash, type BlkhashSpec } from '../lib/blkhash.js';
 import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/progress.js';
 import { describeSpec } from '../lib/endpoints/open.js';
+import { deferExtraCaCerts } from '../lib/nbd/tls.js';
 
 const pkg = { version: packageVersion() };
 
@@ -314,6 +315,7 @@ const SUBCOMMANDS: Record<string, () => Promise<{ run(args: string[]): Promise<n
   serve: () => import('./serve.js'),
 };
 
+deferExtraCaCerts();
 const sub = SUBCOMMANDS[process.argv[2]];
 (sub ? sub().then((m) => m.run(process.argv.slice(3))) : main().then(() => 0)).then(
   (status) => process.exit(status),

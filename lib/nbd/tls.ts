@@ -7,6 +7,34 @@ import type { NbdAddress } from './uri.js';
 
 import { readPskFile, readTlsFile, tlsError } from './tls-files.js';
 
+/**
+ * Extra CA certificates for the default trust that Node did not load at start-up (see
+ * deferExtraCaCerts). Read on first use by an X.509 client without ca-cert.pem.
+ */
+let deferredCaFile: string | undefined;
+let deferredCa: Buffer[] | undefined;
+
+/**
+ * Take over NODE_EXTRA_CA_CERTS from a launcher that hid it from Node's start-up: Node 20
+ * parses that file eagerly on every start (about 0.1 s for a system bundle), though only a TLS
+ * client verifying against the default trust uses it. `bin/nbdstream` moves the variable to
+ * NBDSTREAM_EXTRA_CA_CERTS; this restores it in process.env (child processes see it as
+ * before) and adds its certificates to Node's root certificates when a client needs them.
+ */
+export function deferExtraCaCerts(env: NodeJS.ProcessEnv = process.env): void {
+  const file = env.NBDSTREAM_EXTRA_CA_CERTS;
+  delete env.NBDSTREAM_EXTRA_CA_CERTS;
+  if (!file) return;
+  env.NODE_EXTRA_CA_CERTS = file;
+  deferredCaFile = file;
+}
+
+function defaultTrust(): Buffer[] | undefined {
+  if (!deferredCaFile) return undefined;
+  deferredCa ??= [...tls.rootCertificates.map((c) => Buffer.from(c)), readTlsFile(deferredCaFile, 'NODE_EXTRA_CA_CERTS file')];
+  return deferredCa;
+}
+
 /** Key for `user` from a psktool file, as bytes. */
 export function readPskKey(file: string, user: string): Buffer {
   const key = readPskFile(file).get(user);
@@ -51,6 +79,7 @@ export function tlsConnectOptions(a: NbdAddress): tls.ConnectionOptions {
       o.key = readTlsFile(key, 'client key');
     }
   }
+  if (!o.ca) o.ca = defaultTrust();
   if (!a.tlsVerifyPeer) o.checkServerIdentity = () => undefined;
   return o;
 }

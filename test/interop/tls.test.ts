@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { NbdClient } from '../../lib/nbd/client.js';
 import { NbdStreamError } from '../../lib/errors.js';
 import { nbdcopyHash, sha256, tmpDir } from '../helpers/servers.js';
+import { run } from '../helpers/cli.js';
 import {
   type Ca,
   type TlsNbdkitOptions,
@@ -260,6 +261,31 @@ describe('TLS with X.509 certificates (certtool)', () => {
     expect(e.message).toMatch(/^TLS handshake failed \(certificates from .*\): Hostname\/IP does not match certificate's altnames/);
     expect((e.cause as NodeJS.ErrnoException).code).toBe('ERR_TLS_CERT_ALTNAME_INVALID');
     neverServed(s);
+  });
+
+  // bin/nbdstream hides NODE_EXTRA_CA_CERTS from Node's start-up (Node 20 parses it eagerly) and
+  // the CLI loads it only when a client verifies against the default trust.
+  test('the CLI trusts a CA named only by NODE_EXTRA_CA_CERTS, and its [ CMD ] children still see the variable', async () => {
+    const s = await memoryServer({ options: x509Options() });
+    const src = path.join(dir, 'extra-ca-src.img');
+    const image = randomBytes(SIZE);
+    fs.writeFileSync(src, image);
+    const uri = `nbds+unix:///?socket=${s.socket}&tls-hostname=localhost`;
+    const distrust = await run([src, uri], { env: { NODE_EXTRA_CA_CERTS: '' } });
+    expect(distrust.stderr).toBe(`nbdstream: ${uri}: TLS handshake failed (no client credentials): unable to verify the first certificate\n`);
+    expect(distrust.status).toBe(1);
+    const r = await run([src, uri], { env: { NODE_EXTRA_CA_CERTS: ca.cert } });
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(nbdcopyHash(x509Uri(s, clientDir))).toBe(sha256(image));
+
+    const seen = path.join(dir, 'extra-ca-env.txt');
+    const cmd = await run(['--', '[', 'sh', '-c', `printenv NODE_EXTRA_CA_CERTS NBDSTREAM_EXTRA_CA_CERTS > ${seen}; exec nbdkit memory 1M`, ']', 'null:'], {
+      env: { NODE_EXTRA_CA_CERTS: ca.cert },
+    });
+    expect(cmd.stderr).toBe('');
+    expect(cmd.status).toBe(0);
+    expect(fs.readFileSync(seen, 'utf8')).toBe(`${ca.cert}\n`);
   });
 
   // TLS 1.3 clients complete their handshake before the server checks the client certificate,
