@@ -27,12 +27,39 @@ const lazyStringWidth = {
     return out === code ? null : `${out}\n${LAZY_REGEXP}`;
   },
 };
+// Two start-up costs of yargs that nbdstream does not need:
+// - its platform shim imports node:assert (3-4 ms: a dozen internal modules) for two invariant
+//   checks; the same checks, written out, throw ERR_ASSERTION errors;
+// - every instance guesses a default --version by reading package.json files upwards from the
+//   current directory (a readdir per level); nbdstream's commands all set .version() themselves.
+const ASSERT_CHECKS = `const assertionError = (message) => Object.assign(new Error(message), { code: 'ERR_ASSERTION' });
+const notStrictEqual = (actual, expected, message) => {
+  if (Object.is(actual, expected)) throw assertionError(message ?? 'Expected values to be strictly unequal: ' + String(actual));
+};
+const strictEqual = (actual, expected, message) => {
+  if (!Object.is(actual, expected)) throw assertionError(message ?? 'Expected values to be strictly equal: ' + String(actual) + ' !== ' + String(expected));
+};`;
+const YARGS_EDITS = [
+  { file: /[\\/]yargs[\\/]lib[\\/]platform-shims[\\/]esm\.mjs$/, from: "import { notStrictEqual, strictEqual } from 'assert'", to: ASSERT_CHECKS },
+  { file: /[\\/]yargs[\\/]build[\\/]lib[\\/]yargs-factory\.js$/, from: '        yargs.version();\n', to: '        yargs.version(false);\n' },
+];
+const yargsStartUp = {
+  name: 'yargs-start-up',
+  transform(code, id) {
+    const edit = YARGS_EDITS.find((e) => e.file.test(id));
+    if (!edit) return null;
+    const out = code.replace(edit.from, edit.to);
+    // a yargs update that moved the code fails the build rather than silently undoing this
+    if (out === code) throw new Error(`yargs-start-up: ${JSON.stringify(edit.from)} not found in ${id}`);
+    return out;
+  },
+};
 export default [
   {
     input: 'dist/bin/nbdstream.js',
     platform: 'node',
     onLog: quiet,
-    plugins: [lazyStringWidth],
+    plugins: [lazyStringWidth, yargsStartUp],
     output: { file: 'dist/nbdstream.cjs', format: 'cjs', codeSplitting: false },
   },
   {

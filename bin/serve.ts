@@ -6,12 +6,12 @@
  * with $uri (and $unixsocket / $port, $exportname) set, like nbdkit --run, and exits with its
  * status; otherwise it serves until SIGTERM or SIGINT.
  */
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import yargs from 'yargs';
 import { NbdStreamError } from '../lib/errors.js';
+import { nodeChildProcess } from '../lib/builtins.js';
 import { NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
 import { NBD_DEFAULT_PORT } from '../lib/nbd/protocol.js';
@@ -174,7 +174,7 @@ function runCommand(cmd: string, server: NbdServer, listen: ListenOptions, expor
   if (listen.path !== undefined) env.unixsocket = listen.path;
   if (server.port !== undefined) env.port = String(server.port);
   if (server.tls) env.tls = server.tls.mode;
-  const child = spawn('sh', ['-c', cmd], { stdio: 'inherit', env });
+  const child = nodeChildProcess().spawn('sh', ['-c', cmd], { stdio: 'inherit', env });
   const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
   const onTerm = forward('SIGTERM');
   const onInt = forward('SIGINT');

@@ -15,7 +15,7 @@
  * are hashed straight from the chunk's buffer. A block only partly covered by zero ranges is
  * hashed with real zero bytes.
  */
-import { createHash, hash as hashOnce } from 'node:crypto';
+import { nodeCrypto } from './builtins.js';
 import { Transform, Writable, pipelinePromise } from 'streamx';
 import { NbdStreamError } from './errors.js';
 import type { Chunk } from './extents.js';
@@ -122,7 +122,7 @@ function zeroInfoFor(algorithm: BlkhashAlgorithm, blockSize: number): ZeroInfo {
   const key = `${algorithm}/${blockSize}`;
   let info = zeroInfo.get(key);
   if (!info) {
-    const h = createHash(algorithm);
+    const h = nodeCrypto().createHash(algorithm);
     const z = zeroBytes(Math.min(blockSize, ZERO_SLICE));
     for (let left = blockSize; left > 0; left -= ZERO_SLICE) h.update(z.subarray(0, Math.min(left, ZERO_SLICE)));
     const digest = h.digest();
@@ -135,8 +135,11 @@ function zeroInfoFor(algorithm: BlkhashAlgorithm, blockSize: number): ZeroInfo {
   return info;
 }
 
-const oneShot: (alg: string, data: Buffer) => Buffer =
-  typeof hashOnce === 'function' ? (alg, data) => hashOnce(alg, data, 'buffer') : (alg, data) => createHash(alg).update(data).digest();
+/** H(data) in one call (crypto.hash where Node has it). */
+function oneShot(alg: string, data: Buffer): Buffer {
+  const { hash, createHash } = nodeCrypto();
+  return typeof hash === 'function' ? hash(alg, data, 'buffer') : createHash(alg).update(data).digest();
+}
 
 // ---------------------------------------------------------------- the hasher
 
@@ -161,7 +164,7 @@ export class BlockHasher implements BlkhashSpec {
     const spec = blkhashSpec(options);
     this.algorithm = spec.algorithm;
     this.blockSize = spec.blockSize;
-    this.outer = createHash(spec.algorithm);
+    this.outer = nodeCrypto().createHash(spec.algorithm);
     this.zero = zeroInfoFor(spec.algorithm, spec.blockSize);
     this.pending = Buffer.alloc(spec.blockSize);
   }

@@ -17,12 +17,13 @@
  * prints nothing for an aborted one). If the command exits first, startActivated rejects with its
  * exit status and the first line of its stderr.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdStreamError } from '../errors.js';
+import { nodeChildProcess } from '../builtins.js';
 import { IHAVEOPT, NBDMAGIC, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_ABORT } from '../nbd/protocol.js';
 import { formatNbdUri } from '../nbd/uri.js';
 
@@ -158,7 +159,7 @@ export async function startActivated(argv: string[], opts: StartActivatedOptions
   // spawn() returns, so the child holds its own copy of the socket from here on.
   let proc: ChildProcess;
   try {
-    proc = spawn('sh', ['-c', 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', 'sh', ...argv], {
+    proc = nodeChildProcess().spawn('sh', ['-c', 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', 'sh', ...argv], {
       stdio: ['ignore', 'ignore', 'pipe', fd],
       env: { ...process.env, LISTEN_FDNAMES: undefined },
     });

@@ -15,7 +15,8 @@
  *    and the request offset; messages are one line.
  */
 import { constants as fsConstants } from 'node:fs';
-import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { nodeFsPromises } from '../builtins.js';
 import { NbdStreamError } from '../errors.js';
 import { blkGetSize64, blkZeroOut, fileExtents, isNotSupported, native, punchHole, zeroRange } from '../native.js';
 import {
@@ -65,7 +66,7 @@ function checkRange(name: string, offset: number, length: number): void {
 async function sysfsBlockSize(rdev: bigint): Promise<number> {
   const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & 0xfffff000n);
   const minor = (rdev & 0xffn) | ((rdev >> 12n) & 0xffffff00n);
-  const text = await readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
+  const text = await nodeFsPromises().readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
   const sectors = Number(text.trim());
   if (!Number.isSafeInteger(sectors) || sectors < 0) throw new Error(`bad sysfs size ${JSON.stringify(text)}`);
   return sectors * 512;
@@ -284,7 +285,7 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
   // Look first so that a FIFO is never opened here (open() on a FIFO blocks for the peer).
   let exists = true;
   try {
-    const st = await stat(path);
+    const st = await nodeFsPromises().stat(path);
     if (st.isFIFO() || st.isCharacterDevice() || st.isSocket()) {
       throw new NbdStreamError('ERR_USAGE', 'not a regular file or block device (use it as a pipe)', { endpoint: path });
     }
@@ -299,7 +300,7 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
   const flags = mode === 'source' ? fsConstants.O_RDONLY : fsConstants.O_RDWR | (exists ? 0 : fsConstants.O_CREAT);
   let fh: FileHandle;
   try {
-    fh = await open(path, flags, 0o666);
+    fh = await nodeFsPromises().open(path, flags, 0o666);
   } catch (err) {
     throw openError(path, mode, err);
   }

@@ -8,8 +8,8 @@
  */
 import * as net from 'node:net';
 import { getSystemErrorName } from 'node:util';
-import { createRequire } from 'node:module';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
+import { nodeTls } from '../builtins.js';
 import { encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
@@ -32,10 +32,6 @@ const READER_RAW = 0;
 const READER_DATA = 1;
 const READER_SIMPLE_READ = 2;
 const READER_END = 3;
-
-// node:tls is loaded only for TLS connections. require(), not import(): the CLI bundle runs
-// in a vm.Script (bin/launch.cts), where import() has no loader.
-const nodeRequire = createRequire(import.meta.url);
 
 export interface ConnectionOptions {
   /** Name used in error messages (normally the URI). */
@@ -189,7 +185,7 @@ export class NbdConnection implements ReplyHandler {
         startTls: async () => {
           raw.removeListener('data', onData);
           // TLS code is loaded only for TLS connections (it costs start-up time)
-          const [tls, tlsOptions] = [nodeRequire('node:tls') as typeof import('node:tls'), await import('./tls.js')];
+          const [tls, tlsOptions] = [nodeTls(), await import('./tls.js')];
           describeTlsCredentials = tlsOptions.describeTlsCredentials;
           const options = tlsOptions.tlsConnectOptions(addr);
           const ts = tls.connect({ ...options, socket: raw });

@@ -6,7 +6,8 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as tls from 'node:tls';
+import type * as tls from 'node:tls';
+import { nodeTls } from '../builtins.js';
 import type { Duplex } from 'node:stream';
 import { readPskFile, readTlsFile, tlsError } from './tls-files.js';
 
@@ -37,14 +38,14 @@ export class ServerTls {
     if (o.pskFile) {
       this.psk = readPskFile(o.pskFile);
       // TLS 1.2 PSK suites and TLS 1.3 (whose suites are configured separately and stay enabled).
-      this.context = tls.createSecureContext({ ciphers: 'PSK', minVersion: 'TLSv1.2' });
+      this.context = nodeTls().createSecureContext({ ciphers: 'PSK', minVersion: 'TLSv1.2' });
       this.description = `PSK file ${o.pskFile}`;
     } else {
       const dir = o.certificates!;
       const ca = path.join(dir, 'ca-cert.pem');
       const haveCa = fs.existsSync(ca);
       if (this.verifyPeer && !haveCa) throw tlsError(`verifying clients needs ${ca}`);
-      this.context = tls.createSecureContext({
+      this.context = nodeTls().createSecureContext({
         cert: readTlsFile(path.join(dir, 'server-cert.pem'), 'server certificate'),
         key: readTlsFile(path.join(dir, 'server-key.pem'), 'server key'),
         ca: haveCa ? readTlsFile(ca, 'CA certificate') : undefined,
@@ -61,7 +62,7 @@ export class ServerTls {
    */
   upgrade(socket: Duplex): Promise<tls.TLSSocket> {
     const psk = this.psk;
-    const ts = new tls.TLSSocket(socket, {
+    const ts = new (nodeTls().TLSSocket)(socket, {
       isServer: true,
       secureContext: this.context,
       requestCert: this.verifyPeer,

@@ -2,7 +2,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import * as tls from 'node:tls';
+import type * as tls from 'node:tls';
+import { nodeTls } from '../builtins.js';
 import type { NbdAddress } from './uri.js';
 
 import { readPskFile, readTlsFile, tlsError } from './tls-files.js';
@@ -31,7 +32,7 @@ export function deferExtraCaCerts(env: NodeJS.ProcessEnv = process.env): void {
 
 function defaultTrust(): Buffer[] | undefined {
   if (!deferredCaFile) return undefined;
-  deferredCa ??= [...tls.rootCertificates.map((c) => Buffer.from(c)), readTlsFile(deferredCaFile, 'NODE_EXTRA_CA_CERTS file')];
+  deferredCa ??= [...nodeTls().rootCertificates.map((c) => Buffer.from(c)), readTlsFile(deferredCaFile, 'NODE_EXTRA_CA_CERTS file')];
   return deferredCa;
 }
 

@@ -16,7 +16,7 @@
  *    stream byte; after one, the decoder stays failed. end() throws unless the END record was
  *    complete and its digest matched, so a truncated stream never reads as a complete one.
  */
-import * as zlib from 'node:zlib';
+import { nodeZlib } from '../builtins.js';
 import { NbdStreamError } from '../errors.js';
 import type { Chunk } from '../extents.js';
 import { BlockHasher, blkhashSpec, type BlkhashAlgorithm, type BlkhashOptions, type BlkhashSpec, MAX_BLKHASH_BLOCK } from '../blkhash.js';
@@ -66,9 +66,15 @@ function crc32js(b: Uint8Array): number {
   for (let i = 0; i < b.length; i++) c = crcTable[(c ^ b[i]) & 0xff] ^ (c >>> 8);
   return (c ^ 0xffffffff) >>> 0;
 }
-const nativeCrc = (zlib as { crc32?: (b: Uint8Array) => number }).crc32;
-/** CRC-32 (IEEE 802.3, as zlib and `gzip` compute it). */
-export const crc32: (b: Uint8Array) => number = nativeCrc ? (b) => nativeCrc(b) >>> 0 : crc32js;
+let crcImpl: ((b: Uint8Array) => number) | undefined;
+/** CRC-32 (IEEE 802.3, as zlib and `gzip` compute it): zlib.crc32 where Node has it. */
+export function crc32(b: Uint8Array): number {
+  if (!crcImpl) {
+    const nativeCrc = (nodeZlib() as { crc32?: (b: Uint8Array) => number }).crc32;
+    crcImpl = nativeCrc ? (x) => nativeCrc(x) >>> 0 : crc32js;
+  }
+  return crcImpl(b);
+}
 
 // ---------------------------------------------------------------- header
 

@@ -2,6 +2,7 @@
 import { describe, expect, it } from 'vitest';
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -22,5 +23,21 @@ describe('CLI bundle', () => {
     expect(r.stderr.toString()).toBe('code cache accepted\n');
     expect(r.stdout.toString().trim()).toBe(`nbdstream ${version}`);
     expect(execFileSync('node', [path.join(root, 'dist/bin/nbdstream.js'), '--version']).toString().trim()).toBe(`nbdstream ${version}`);
+  });
+
+  it('loads no TLS, crypto, zlib, child_process, assert or fs/promises module at start-up (lib/builtins.ts)', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-bundle-'));
+    try {
+      const preload = path.join(dir, 'modules.cjs');
+      const list = path.join(dir, 'modules.txt');
+      fs.writeFileSync(preload, `process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(list)}, process.moduleLoadList.join('\\n')));`);
+      execFileSync('node', ['-r', preload, path.join(root, 'dist/bin/launch.cjs'), '--version']);
+      const loaded = fs.readFileSync(list, 'utf8').split('\n');
+      expect(loaded).toContain('NativeModule net');
+      const lazy = ['tls', 'crypto', 'zlib', 'child_process', 'assert', 'fs/promises'].map((m) => `NativeModule ${m}`);
+      expect(loaded.filter((m) => lazy.includes(m))).toEqual([]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
