@@ -100,7 +100,9 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const opened: Endpoint[] = [];
   const isEndpoint = (x: unknown): x is Endpoint => typeof x === 'object' && x !== null && !Array.isArray(x);
   try {
-    const s = isEndpoint(src) ? src : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap });
+    const s = isEndpoint(src)
+      ? src
+      : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse });
     if (!isEndpoint(src)) opened.push(s);
     // a partial source (dirty bitmap, incremental extent stream) updates the target in place
     const d = isEndpoint(dst) ? dst : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial });

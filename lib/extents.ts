@@ -18,6 +18,11 @@ export interface Chunk {
    * sink after the write completed). Data must not be used afterwards.
    */
   release?: () => void;
+  /**
+   * Data chunks: no block of this many bytes, aligned to a multiple of it, inside the chunk is
+   * all zeroes (checked as the bytes arrived), so -S with this block size need not look again.
+   */
+  noZeroBlocks?: number;
 }
 
 /** Work range: requests never cross a multiple of this (nbdcopy's THREAD_WORK_SIZE). */

@@ -40,8 +40,12 @@ export interface NativeOps {
     structuredReplies: boolean,
     onEvent: (kind: number, cookie: number, offset: number, length: number, flags: number, raw: Buffer | undefined) => void,
   ): SocketReader;
-  /** Before sending NBD_CMD_READ `cookie` at export `offset`: its payload goes into `buffer`. */
-  readerExpect(reader: SocketReader, cookie: number, buffer: Buffer, offset: number): void;
+  /**
+   * Before sending NBD_CMD_READ `cookie` at export `offset`: its payload goes into `buffer`. With
+   * `zeroBlock` N > 0 the payload is checked for all-zero N-aligned blocks as it arrives (event
+   * flag bit 16 set: none).
+   */
+  readerExpect(reader: SocketReader, cookie: number, buffer: Buffer, offset: number, zeroBlock?: number): void;
   /** The read `cookie` was answered (idempotent). */
   readerForget(reader: SocketReader, cookie: number): void;
   /** Stop and join the thread (idempotent); no callback runs afterwards. */

@@ -10,7 +10,13 @@
  *   - a structured OFFSET_DATA chunk for a registered read whose range lies inside the request:
  *     payload received into the buffer, then event DATA(cookie, offset, length, flags);
  *   - a simple reply with error 0 to a registered read (simple replies negotiated): payload
- *     received, then event SIMPLE_READ(cookie).
+ *     received, then event SIMPLE_READ(cookie, flags).
+ *
+ * A read registered with a zero block size N (-S) is checked as it arrives, while its bytes are
+ * still in cache: flags bit ZERO_FREE (1 << 16) on its DATA / SIMPLE_READ event says that no
+ * N-aligned block of N bytes inside the payload is all zeroes, and that the payload's edges are
+ * N-aligned or the request's own (so no block the JS side would check was missed). Without the
+ * bit, JS checks the data itself.
  *
  * Every other chunk or reply (NONE, OFFSET_HOLE, BLOCK_STATUS, errors, replies to other
  * commands) is received whole and handed to JS as RAW bytes for its decoder, which checks it.
@@ -20,7 +26,7 @@
  * it cuts a reply the thread was receiving); a socket error is event ERROR(-errno).
  *
  *   readerStart(fd, structured, onEvent) -> handle     fd is dup'ed: JS may close its own
- *   readerExpect(handle, cookie, buffer, offset)       before sending the read
+ *   readerExpect(handle, cookie, buffer, offset[, N])  before sending the read; N: zero block size
  *   readerForget(handle, cookie)                       after the read's reply (idempotent)
  *   readerStop(handle)                                 stop and join; no events afterwards
  *
@@ -49,6 +55,9 @@
 #define REPLY_FLAG_DONE 1
 #define MAX_CHUNK_BODY (64u * 1024 * 1024)
 #define RAW_READ 65536
+/* Read payloads are received in slices of this size and checked for zero blocks slice by slice. */
+#define SCAN_SLICE (256u * 1024)
+#define EV_FLAG_ZERO_FREE (1u << 16)
 
 enum { EV_RAW = 0, EV_DATA = 1, EV_SIMPLE_READ = 2, EV_END = 3, EV_ERROR = 4 };
 
@@ -57,6 +66,7 @@ typedef struct {
   uint8_t *buf;
   uint64_t offset;
   uint64_t length;
+  uint64_t zero_block; /* 0: no check */
 } expect_t;
 
 typedef struct {
@@ -200,6 +210,33 @@ static void raw_mode(reader_t *r) {
   free(buf);
 }
 
+/* True if the n bytes at p are all zero. */
+static int all_zero(const uint8_t *p, uint64_t n) { return p[0] == 0 && p[n - 1] == 0 && memcmp(p, p + 1, n - 1) == 0; }
+
+/*
+ * Receive the len payload bytes of read e at export offset off into its buffer. With a zero
+ * block size, *flags gets EV_FLAG_ZERO_FREE if no aligned whole block inside the payload is all
+ * zeroes and the payload's edges are aligned or the request's own; each slice is checked right
+ * after it arrives.
+ */
+static int receive_payload(reader_t *r, const expect_t *e, uint64_t off, uint64_t len, uint32_t *flags) {
+  uint64_t n = e->zero_block, end = off + len;
+  size_t got;
+  if (!n) return receive_exact(r, e->buf + (off - e->offset), len, &got);
+  int clean = (off % n == 0 || off == e->offset) && (end % n == 0 || end == e->offset + e->length);
+  uint64_t next = (off + n - 1) / n * n; /* the next block to check */
+  for (uint64_t done = off; done < end;) {
+    uint64_t slice = end - done < SCAN_SLICE ? end - done : SCAN_SLICE;
+    int st = receive_exact(r, e->buf + (done - e->offset), slice, &got);
+    if (st != RX_OK) return st;
+    done += slice;
+    for (; clean && next + n <= done; next += n)
+      if (all_zero(e->buf + (next - e->offset), n)) clean = 0;
+  }
+  if (clean) *flags |= EV_FLAG_ZERO_FREE;
+  return RX_OK;
+}
+
 /* One reply (simple) or chunk (structured); returns 0 to end the thread, -1 to switch to raw mode. */
 static int one_reply(reader_t *r) {
   uint8_t h[32];
@@ -213,9 +250,10 @@ static int one_reply(reader_t *r) {
   if (magic == SIMPLE_MAGIC) {
     uint32_t error = be32(h + 4);
     if (!r->structured && error == 0 && cookie_hi == 0 && lookup(r, cookie, &e, 1)) {
-      st = receive_exact(r, e.buf, e.length, &got);
+      uint32_t ev_flags = 0;
+      st = receive_payload(r, &e, e.offset, e.length, &ev_flags);
       if (st != RX_OK) return failed(r, st, NULL, 0, 1);
-      return emit(r, EV_SIMPLE_READ, cookie, 0, 0, 0, NULL, 0);
+      return emit(r, EV_SIMPLE_READ, cookie, 0, 0, ev_flags, NULL, 0);
     }
     /* errors, replies to other commands; anything JS rejects ends the connection there */
     return emit(r, EV_RAW, 0, 0, 0, 0, h, 16);
@@ -239,10 +277,11 @@ static int one_reply(reader_t *r) {
       emit(r, EV_RAW, 0, 0, 0, 0, h, 28);
       return -1;
     }
-    st = receive_exact(r, e.buf + (offset - e.offset), len, &got);
+    uint32_t ev_flags = flags;
+    st = receive_payload(r, &e, offset, len, &ev_flags);
     if (st != RX_OK) return failed(r, st, NULL, 0, 1);
     if (flags & REPLY_FLAG_DONE) lookup(r, cookie, &e, 1);
-    return emit(r, EV_DATA, cookie, offset, (int64_t)len, flags, NULL, 0);
+    return emit(r, EV_DATA, cookie, offset, (int64_t)len, ev_flags, NULL, 0);
   }
   /* any other chunk: whole, to JS */
   st = receive_exact(r, h + 16, 4, &got);
@@ -389,18 +428,27 @@ static napi_value ReaderStart(napi_env env, napi_callback_info info) {
   return handle;
 }
 
-/* readerExpect(handle, cookie, buffer, offset) */
+/* readerExpect(handle, cookie, buffer, offset[, zeroBlock]) */
 static napi_value ReaderExpect(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
-  reader_t *r = reader_args(env, info, 4, argv, "readerExpect(handle, cookie, buffer, offset)");
+  napi_value argv[5];
+  size_t argc = 5;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc < 4) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerExpect(handle, cookie, buffer, offset[, zeroBlock])");
+    return NULL;
+  }
+  reader_t *r = get_reader(env, argv[0]);
   if (!r) return NULL;
-  uint32_t cookie;
+  uint32_t cookie, zero_block = 0;
   void *data;
   size_t len;
   double offset;
+  napi_valuetype t = napi_undefined;
+  if (argc > 4 && napi_typeof(env, argv[4], &t) != napi_ok) return NULL;
   if (napi_get_value_uint32(env, argv[1], &cookie) != napi_ok || napi_get_buffer_info(env, argv[2], &data, &len) != napi_ok || len == 0 ||
-      napi_get_value_double(env, argv[3], &offset) != napi_ok || offset < 0 || offset > 9007199254740991.0) {
-    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerExpect: need a cookie, a non-empty buffer and an offset");
+      napi_get_value_double(env, argv[3], &offset) != napi_ok || offset < 0 || offset > 9007199254740991.0 ||
+      (t != napi_undefined && napi_get_value_uint32(env, argv[4], &zero_block) != napi_ok)) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readerExpect: need a cookie, a non-empty buffer, an offset and optionally a zero block size");
     return NULL;
   }
   pthread_mutex_lock(&r->mu);
@@ -413,7 +461,7 @@ static napi_value ReaderExpect(napi_env env, napi_callback_info info) {
       r->cap_expects = cap;
     } else ok = 0;
   }
-  if (ok) r->expects[r->n_expects++] = (expect_t){.cookie = cookie, .buf = data, .offset = (uint64_t)offset, .length = len};
+  if (ok) r->expects[r->n_expects++] = (expect_t){.cookie = cookie, .buf = data, .offset = (uint64_t)offset, .length = len, .zero_block = zero_block};
   pthread_mutex_unlock(&r->mu);
   if (!ok) napi_throw_error(env, "ENOMEM", "readerExpect: out of memory");
   return NULL;

@@ -59,6 +59,11 @@ export interface ReadResult {
   data: Buffer;
   /** Ranges known to be zero without having been transferred (NBD OFFSET_HOLE chunks). */
   zeroes?: Range[];
+  /**
+   * Set when the data (outside `zeroes`) was checked as it arrived and holds no all-zero block
+   * of this many bytes aligned to a multiple of it (OpenOptions.zeroBlockSize).
+   */
+  noZeroBlocks?: number;
 }
 
 export interface ZeroOptions {
@@ -114,6 +119,12 @@ export interface OpenOptions {
   timeout?: number;
   /** NBD: reconnect and resend a request up to this many times after a lost connection. */
   retries?: number;
+  /**
+   * Source: the -S block size. An NBD source received by the native reader checks read data for
+   * all-zero blocks of this size as it arrives (ReadResult.noZeroBlocks), sparing -S a pass over
+   * cache-cold buffers.
+   */
+  zeroBlockSize?: number;
   /**
    * Pipes ("-", FIFOs): 'raw' bytes or the 'extents' stream format (docs/extent-stream.md). A
    * source without it detects the format by the stream's header; a target defaults to raw.

@@ -66,7 +66,9 @@ export class NbdEndpoint implements Endpoint {
 
   async read(offset: number, length: number, into?: Buffer): Promise<ReadResult> {
     const r = await this.client.pread(offset, length, into);
-    return r.holes.length ? { data: r.data, zeroes: r.holes } : { data: r.data };
+    const out: ReadResult = r.holes.length ? { data: r.data, zeroes: r.holes } : { data: r.data };
+    if (r.noZeroBlocks) out.noZeroBlocks = r.noZeroBlocks;
+    return out;
   }
 
   write(offset: number, data: Buffer): Promise<void> {
@@ -137,6 +139,7 @@ export async function openNbd(uri: string, opts: OpenOptions = {}, name?: string
     maxBytesInFlight: opts.queueSize,
     timeout: opts.timeout,
     retries: opts.retries,
+    zeroBlockSize: opts.zeroBlockSize,
     endpoint: name,
   });
   if (bitmap !== undefined && !client.canMetaContext(dirtyContextName(bitmap))) {

@@ -45,6 +45,11 @@ export interface ConnectOptions {
   maxBytesInFlight?: number;
   /** Name used in errors (default: the URI). */
   endpoint?: string;
+  /**
+   * Check read data for all-zero blocks of this size as it arrives (native reader only; see
+   * ReadResult.noZeroBlocks). Default 0: no check.
+   */
+  zeroBlockSize?: number;
   /** Seconds a request may wait for its reply before the connection is failed (default: none). */
   timeout?: number;
   /**
@@ -60,6 +65,11 @@ export interface ReadResult {
   data: Buffer;
   /** Ranges the server sent as OFFSET_HOLE chunks (known zero), in export offsets. */
   holes: Range[];
+  /**
+   * With ConnectOptions.zeroBlockSize N: set to N when all the data was checked as it arrived
+   * and no N-aligned block of N bytes in it is all zeroes.
+   */
+  noZeroBlocks?: number;
 }
 
 export interface BlockStatusExtent {
@@ -151,6 +161,7 @@ export class NbdClient {
       metaContexts: options.metaContexts ?? ['base:allocation'],
       maxRequests: options.maxRequests ?? 64,
       maxBytesInFlight: options.maxBytesInFlight ?? 64 * 1024 * 1024,
+      zeroBlockSize: options.zeroBlockSize ?? 0,
     };
     const first = await NbdConnection.open(address, copts);
     const client = new NbdClient(address, endpoint, [first], copts, options.retries ?? 0);
@@ -298,14 +309,17 @@ export class NbdClient {
     if (data.length < length) throw new RangeError(`pread: buffer of ${into!.length} bytes is smaller than ${length}`);
     if (length === 0) return { data, holes: [] };
     const max = this.maxPayload;
-    if (length <= max) {
-      const r = await this.send(NBD_CMD_READ, 0, offset, length, undefined, data);
-      return { data, holes: r.holes ?? [] };
-    }
-    const rs = await Promise.all(
-      NbdClient.pieces(offset, length, max).map((p) => this.send(NBD_CMD_READ, 0, p.offset, p.length, undefined, data.subarray(p.offset - offset, p.offset - offset + p.length))),
-    );
-    return { data, holes: rs.flatMap((r) => r.holes ?? []) };
+    const rs =
+      length <= max
+        ? [await this.send(NBD_CMD_READ, 0, offset, length, undefined, data)]
+        : await Promise.all(
+            NbdClient.pieces(offset, length, max).map((p) => this.send(NBD_CMD_READ, 0, p.offset, p.length, undefined, data.subarray(p.offset - offset, p.offset - offset + p.length))),
+          );
+    const result: ReadResult = { data, holes: rs.length === 1 ? (rs[0].holes ?? []) : rs.flatMap((r) => r.holes ?? []) };
+    // a block across two pieces was checked by neither: only aligned cuts keep the promise
+    const n = this.copts.zeroBlockSize;
+    if (n && rs.every((r, i) => r.zeroChecked && (i === 0 || r.offset % n === 0))) result.noZeroBlocks = n;
+    return result;
   }
 
   /** Write `data` at `offset`. The buffer must not change until the promise settles. */

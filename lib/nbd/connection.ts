@@ -31,6 +31,8 @@ import {
 const READER_RAW = 0;
 const READER_DATA = 1;
 const READER_SIMPLE_READ = 2;
+/** Event flag: the read data just received holds no all-zero block (native/socket_reader.c). */
+const READER_ZERO_FREE = 1 << 16;
 const READER_END = 3;
 
 export interface ConnectionOptions {
@@ -42,6 +44,8 @@ export interface ConnectionOptions {
   maxBytesInFlight: number;
   /** Milliseconds a request (or the handshake) may wait for its reply; 0 = no limit. */
   timeout?: number;
+  /** Block size the native reader checks read data for all-zero blocks with (0: none). */
+  zeroBlockSize?: number;
 }
 
 export interface Range {
@@ -55,6 +59,8 @@ class Request implements PendingRequest {
   sent = 0;
   holes: Range[] | undefined;
   covered = 0;
+  /** Reads: every data part was checked for zero blocks as it arrived (the native reader), none found. */
+  zeroChecked = true;
   error: NbdStreamError | undefined;
   extents: Extent[] | undefined;
   contextId = 0;
@@ -249,9 +255,9 @@ export class NbdConnection implements ReplyHandler {
       case READER_RAW:
         return d.push(raw!);
       case READER_DATA:
-        return d.dataReceived(cookie, offset, length, flags);
+        return d.dataReceived(cookie, offset, length, flags, (flags & READER_ZERO_FREE) !== 0);
       case READER_SIMPLE_READ:
-        return d.simpleReadReceived(cookie);
+        return d.simpleReadReceived(cookie, (flags & READER_ZERO_FREE) !== 0);
       case READER_END:
         return this.lostByServer(flags === 1);
       default:
@@ -313,16 +319,19 @@ export class NbdConnection implements ReplyHandler {
     return this.pending.get(cookie);
   }
 
-  onSimpleReply(cookie: number, errno: number): void {
+  onSimpleReply(cookie: number, errno: number, zeroFree = false): void {
     const r = this.pending.get(cookie)!;
+    if (!zeroFree) r.zeroChecked = false;
     if (errno) r.error = this.serverError(r, errno, '', undefined);
     else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
     else r.covered = r.length;
     this.finish(r);
   }
 
-  onData(cookie: number, _offset: number, length: number): void {
-    this.pending.get(cookie)!.covered += length;
+  onData(cookie: number, _offset: number, length: number, zeroFree = false): void {
+    const r = this.pending.get(cookie)!;
+    r.covered += length;
+    if (!zeroFree) r.zeroChecked = false;
   }
 
   onHole(cookie: number, offset: number, length: number): void {
@@ -447,7 +456,7 @@ export class NbdConnection implements ReplyHandler {
       r.contextId = contextId;
       if (this.timeoutTimer) r.sent = Date.now();
       this.pending.set(cookie, r);
-      if (this.nativeReader && type === NBD_CMD_READ && dest && length > 0) native!.readerExpect(this.nativeReader, cookie, dest.length === length ? dest : dest.subarray(0, length), offset);
+      if (this.nativeReader && type === NBD_CMD_READ && dest && length > 0) native!.readerExpect(this.nativeReader, cookie, dest.length === length ? dest : dest.subarray(0, length), offset, this.opts.zeroBlockSize ?? 0);
       // Requests made in the same tick go out in one writev (fewer syscalls and server wakeups).
       if (!this.corked) {
         this.corked = true;

@@ -131,10 +131,13 @@ export interface Extent {
 /** Events from ReplyDecoder. Cookies are the low 32 bits of the 64-bit cookie. */
 export interface ReplyHandler {
   lookup(cookie: number): PendingRequest | undefined;
-  /** A simple reply; for a successful read the payload is already in dest. */
-  onSimpleReply(cookie: number, errno: number): void;
-  /** OFFSET_DATA: `length` bytes at export offset `offset` are in dest. */
-  onData(cookie: number, offset: number, length: number): void;
+  /**
+   * A simple reply; for a successful read the payload is already in dest. `zeroFree`: the native
+   * reader checked the payload and found no all-zero block (see readerExpect).
+   */
+  onSimpleReply(cookie: number, errno: number, zeroFree?: boolean): void;
+  /** OFFSET_DATA: `length` bytes at export offset `offset` are in dest (`zeroFree` as above). */
+  onData(cookie: number, offset: number, length: number, zeroFree?: boolean): void;
   /** OFFSET_HOLE: `length` bytes at `offset` read as zero (dest untouched). */
   onHole(cookie: number, offset: number, length: number): void;
   onBlockStatus(cookie: number, contextId: number, extents: Extent[]): void;
@@ -207,15 +210,15 @@ export class ReplyDecoder {
    * An OFFSET_DATA chunk was received elsewhere (the native reader checked its header and range
    * and put its payload in the request's dest): report it as if it had been parsed here.
    */
-  dataReceived(cookie: number, offset: number, length: number, flags: number): void {
+  dataReceived(cookie: number, offset: number, length: number, flags: number, zeroFree = false): void {
     if (!this.receivedElsewhere(cookie, 'data chunk')) return;
-    this.handler.onData(cookie, offset, length);
+    this.handler.onData(cookie, offset, length, zeroFree);
     if (flags & NBD_REPLY_FLAG_DONE && this.state !== S_DEAD) this.handler.onDone(cookie);
   }
 
   /** A simple reply with its read payload was received elsewhere (see dataReceived). */
-  simpleReadReceived(cookie: number): void {
-    if (this.receivedElsewhere(cookie, 'read reply')) this.handler.onSimpleReply(cookie, 0);
+  simpleReadReceived(cookie: number, zeroFree = false): void {
+    if (this.receivedElsewhere(cookie, 'read reply')) this.handler.onSimpleReply(cookie, 0, zeroFree);
   }
 
   /** A reply part parsed elsewhere may be reported only between replies, for a pending read. */

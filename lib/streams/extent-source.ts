@@ -223,7 +223,8 @@ export class ExtentSource extends Readable {
       throw new NbdStreamError('ERR_IO', `short read: ${length} of ${p.length} bytes`, { endpoint: this.src.name, offset: p.offset });
     }
     stats.bytesRead += length;
-    if (!r.zeroes?.length) return [{ offset: p.offset, length, kind: 'data', data: r.data, release }];
+    const checked = r.noZeroBlocks;
+    if (!r.zeroes?.length) return [checked ? { offset: p.offset, length, kind: 'data', data: r.data, release, noZeroBlocks: checked } : { offset: p.offset, length, kind: 'data', data: r.data, release }];
     // split around the ranges the server sent as holes
     const out: Chunk[] = [];
     let pos = p.offset;
@@ -240,6 +241,8 @@ export class ExtentSource extends Readable {
       }
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
+    // a block inside a data part lies inside the checked data
+    if (checked) for (const c of out) if (c.kind === 'data') c.noZeroBlocks = checked;
     shareRelease(out, release);
     return out;
   }

@@ -2,7 +2,8 @@
  * ZeroDetect: a streamx Transform applying -S N. In each data chunk, every N-aligned block (by
  * absolute offset) of zero bytes becomes zero instead of data; adjacent zero blocks and adjacent
  * data blocks inside the chunk merge, so a chunk turns into alternating data and zero chunks. An
- * unaligned head or tail is data. Zero chunks and N = 0 pass through unchanged.
+ * unaligned head or tail is data. Zero chunks, N = 0 and data chunks already checked for
+ * this N as they arrived (chunk.noZeroBlocks, from the native NBD reader) pass through unchanged.
  */
 import { Transform } from 'streamx';
 import type { Chunk } from '../extents.js';
@@ -22,7 +23,7 @@ export function isZero(buf: Buffer, start: number, end: number): boolean {
 
 /** Split one data chunk into data/zero chunks at N-aligned zero blocks. */
 export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
-  if (c.kind !== 'data' || n <= 0 || c.length < n) return [c];
+  if (c.kind !== 'data' || n <= 0 || c.length < n || c.noZeroBlocks === n) return [c];
   const data = c.data!;
   const out: Chunk[] = [];
   const end = c.offset + c.length;

@@ -77,4 +77,45 @@ describe.each([
     expect((err as NbdStreamError).message).toBe('server closed the connection in the middle of a reply with 1 request pending');
     await expect(c.pread(0, 4096)).rejects.toMatchObject({ code: 'ERR_CLOSED' });
   });
+
+  it('checks read data for all-zero -S blocks as it arrives (noZeroBlocks), natively only, missing no block', async () => {
+    process.env.NBDSTREAM_NATIVE_READER = env;
+    const dir = tmpDir();
+    cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }));
+    const K = 1024;
+    const data = randomBytes(MiB);
+    data.fill(0, 64 * K, 68 * K); // one aligned all-zero block
+    data.fill(0, 200 * K + 100, 204 * K + 100); // zeroes across two blocks: no whole block
+    // served with two holes (OFFSET_HOLE chunks in structured replies): an aligned one, and an
+    // unaligned one holding no whole block
+    const holes = [
+      { offset: 512 * K, length: 8 * K },
+      { offset: 768 * K + 100, length: 4 * K },
+    ];
+    for (const h of holes) data.fill(0, h.offset, h.offset + h.length);
+    const server = new NbdServer(new MemoryEndpoint(data, 'memory:', holes));
+    await server.listen({ path: path.join(dir, 'sock') });
+    cleanups.push(() => server.close(200));
+    const native = receiver === 'native' ? 4096 : undefined;
+    for (const structuredReplies of [true, false]) {
+      const c = await connect(server.uri!, { zeroBlockSize: 4096, structuredReplies });
+      expect(c.receiver).toBe(receiver);
+      const read = async (offset: number, length: number) => {
+        const r = await c.pread(offset, length);
+        expect(r.data.equals(data.subarray(offset, offset + length))).toBe(true);
+        return r.noZeroBlocks;
+      };
+      expect(await read(128 * K, 256 * K)).toBe(native); // only the zero run across blocks
+      expect(await read(100, 8 * K)).toBe(native); // unaligned edges are the request's own
+      expect(await read(0, 128 * K)).toBeUndefined(); // holds the zero block
+      // structured: the data chunks around an aligned hole were checked whole; around an
+      // unaligned one a block straddles a chunk edge, so no promise is made. Simple replies
+      // carry the holes as zero bytes: the aligned hole is an all-zero block, the other is not.
+      expect(await read(480 * K, 64 * K)).toBe(structuredReplies ? native : undefined);
+      expect(await read(736 * K, 64 * K)).toBe(structuredReplies ? undefined : native);
+      await c.close();
+    }
+    const plain = await connect(server.uri!);
+    expect((await plain.pread(128 * K, 256 * K)).noZeroBlocks).toBeUndefined();
+  });
 });

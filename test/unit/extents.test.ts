@@ -106,6 +106,11 @@ describe('zero detection (-S)', () => {
     const t = splitZeroBlocks({ offset: 0, length: 4196, kind: 'data', data: Buffer.alloc(4196) }, 4096);
     expect(t.map((x) => `${x.kind} ${x.offset}+${x.length}`)).toEqual(['zero 0+4096', 'data 4096+100']);
   });
+  it('passes a chunk already checked for this N (noZeroBlocks) on unread; one checked for another N is split', () => {
+    const c: Chunk = { offset: 0, length: 8192, kind: 'data', data: Buffer.alloc(8192), noZeroBlocks: 4096 };
+    expect(splitZeroBlocks(c, 4096)).toEqual([c]);
+    expect(splitZeroBlocks(c, 512).map((x) => `${x.kind} ${x.offset}+${x.length}`)).toEqual(['zero 0+8192']);
+  });
 });
 
 describe('ExtentSource piece planning', () => {
