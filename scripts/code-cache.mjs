@@ -6,7 +6,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const launch = path.join(root, 'dist/bin/launch.cjs');
+// the training runs through the launcher users run, so the cache is made under its V8 flags
+const cli = path.join(root, 'bin/nbdstream');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-cache-'));
 try {
   const img = path.join(dir, 'img');
@@ -16,9 +17,9 @@ try {
   fs.closeSync(fd);
   // the built-in server exports the file; the client (which writes the cache) copies it over
   // NBD to a file: the CLI, the NBD client, the streams and the file target get compiled
-  const client = `NBDSTREAM_WRITE_CODE_CACHE=1 "${process.execPath}" "${launch}" "$uri" "${path.join(dir, 'out')}"`;
+  const client = `NBDSTREAM_WRITE_CODE_CACHE=1 "${cli}" "$uri" "${path.join(dir, 'out')}"`;
   const env = { ...process.env, NBDSTREAM_WRITE_CODE_CACHE: '0' };
-  execFileSync(process.execPath, [launch, 'serve', '-r', '-U', '-', img, '--run', client], { env, stdio: 'ignore', timeout: 60_000 });
+  execFileSync(cli, ['serve', '-r', '-U', '-', img, '--run', client], { env, stdio: 'ignore', timeout: 60_000 });
   if (!fs.existsSync(path.join(root, 'dist/nbdstream.cjs.v8cache'))) throw new Error('the training run wrote no cache');
 } catch (err) {
   // no cache only means a slower start

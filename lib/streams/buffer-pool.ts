@@ -1,24 +1,65 @@
 import type { Chunk } from '../extents.js';
 
+interface Slab {
+  buf: Buffer;
+  /** Bytes handed out from the start. */
+  used: number;
+  /** Pieces handed out and not yet released. */
+  refs: number;
+}
+
+/** Pieces start at multiples of this within a slab. */
+const PIECE_ALIGN = 4096;
+
 /**
- * Reusable read buffers of one size. Buffers come back through Chunk.release() once the sink
- * has written them, so a steady-state copy allocates nothing per request. The pool keeps at most
- * `keep` free buffers; the pipeline's byte limits bound how many are out at once.
+ * Read buffers cut from reusable slabs of `slabSize` bytes (the largest read): each read takes
+ * the next piece of its length from the current slab, and a slab is free again once every piece
+ * of it has been released (Chunk.release(), after the sink has written it). `pinned` is the
+ * memory in use: whole slabs that were left for a read that did not fit and still hold pieces,
+ * and the part of the current slab cut so far; many short reads share a slab. The process holds
+ * at most `pinned` plus one slab. Free slabs are kept for reuse: a copy allocates only up to its
+ * peak.
  */
 export class BufferPool {
+  private current: Slab | undefined;
   private readonly free: Buffer[] = [];
+  /** Slabs no longer cut from that still hold pieces. */
+  private held = 0;
 
-  constructor(
-    readonly size: number,
-    private readonly keep = 256,
-  ) {}
+  constructor(readonly slabSize: number) {}
 
-  get(): Buffer {
-    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+  /** Bytes of buffers in use (see the class comment). */
+  get pinned(): number {
+    return this.held * this.slabSize + (this.current?.used ?? 0);
   }
 
-  put(b: Buffer): void {
-    if (b.length === this.size && this.free.length < this.keep) this.free.push(b);
+  /** A buffer of `length` (<= slabSize) bytes and the function that gives it back (once). */
+  take(length: number): { buf: Buffer; release: () => void } {
+    let slab = this.current;
+    if (!slab || slab.used + length > this.slabSize) {
+      if (slab) {
+        if (slab.refs > 0) this.held++;
+        else this.free.push(slab.buf);
+      }
+      slab = this.current = { buf: this.free.pop() ?? Buffer.allocUnsafeSlow(this.slabSize), used: 0, refs: 0 };
+    }
+    const s = slab;
+    const buf = s.buf.subarray(s.used, s.used + length);
+    s.used = Math.min(this.slabSize, Math.ceil((s.used + length) / PIECE_ALIGN) * PIECE_ALIGN);
+    s.refs++;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      if (--s.refs > 0) return;
+      if (s === this.current) {
+        s.used = 0; // all back: cut from the start again
+      } else {
+        this.held--;
+        this.free.push(s.buf);
+      }
+    };
+    return { buf, release };
   }
 }
 

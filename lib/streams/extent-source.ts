@@ -8,9 +8,10 @@
  * and emitted as data, except ranges the read reply itself marks as holes, which flow on as zero
  * chunks. Failure to get extents makes the work range data; failure to read destroys the stream
  * (a read error never becomes zeroes). Up to `requests` reads are in flight; `queueSize`
- * bounds the bytes of read buffers from the read until the consumer calls `release()` (one
- * read may always start, so a consumer that never releases still progresses, one read at a
- * time). Chunks are emitted in order.
+ * bounds the read buffers (BufferPool slabs, so short reads share memory) from the read until
+ * the consumer calls `release()`. A consumer that asks for more while holding the whole
+ * budget and releases nothing for STALL_MS gets one more read beyond the bound, so one that
+ * never releases still progresses, slowly. Chunks are emitted in order.
  *
  * Runs marked `skip` (clean in a dirty bitmap) produce no chunks at all: pieces are cut at their
  * edges, pending runs end before them, and the target is left alone there. A source that
@@ -54,6 +55,9 @@ export const DEFAULT_READ_SIZE = 4 * 1024 * 1024;
 /** Bytes buffered between pipeline stages (the in-flight limits are what bound memory). */
 export const STAGE_BUFFER = 2 * 1024 * 1024;
 
+/** Milliseconds without a release, with the budget held and the consumer waiting, before one read beyond the budget. */
+export const STALL_MS = 50;
+
 export function chunkBytes(c: Chunk): number {
   return c.kind === 'data' ? c.length : 64;
 }
@@ -71,9 +75,8 @@ export class ExtentSource extends Readable {
   private planDone = false;
   /** Reads in offset order; `chunks` is set when the read has completed. */
   private readonly queue: QueueEntry[] = [];
+  /** Bytes of chunks a chunks() source handed over, waiting in the queue (reads count in the pool). */
   private queuedBytes = 0;
-  /** Bytes of read buffers emitted downstream and not yet released (written) by the sink. */
-  private heldBytes = 0;
   private planning = false;
   private flowing = false;
   private ended = false;
@@ -81,6 +84,10 @@ export class ExtentSource extends Readable {
   private pendingRead: ((err: Error | null) => void) | undefined;
   private streamOffset = 0; // for sources of unknown size
   private readonly pool: BufferPool;
+  /** Set while the budget is held and the consumer waits (see STALL_MS); a release clears it. */
+  private stallTimer: NodeJS.Timeout | undefined;
+  /** One read may start beyond the budget (the stall timer fired). */
+  private overdraft = false;
 
   constructor(src: Endpoint, options: ExtentSourceOptions = {}) {
     const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
@@ -197,19 +204,21 @@ export class ExtentSource extends Readable {
       return [p.chunk];
     }
     const stats = this.stats;
-    const buf = this.pool.get();
+    const piece = this.pool.take(p.length);
+    const buf = piece.buf;
     let r;
     try {
       r = await this.src.read(p.offset, p.length, buf);
     } catch (err) {
-      this.pool.put(buf);
+      piece.release();
       throw err;
     }
-    // the buffer counts against queueSize from the read until the sink releases it
-    this.heldBytes += buf.length;
+    // the buffer's slab counts against queueSize (pool.pinned) until the sink releases it
     const release = () => {
-      this.heldBytes -= buf.length;
-      this.pool.put(buf);
+      piece.release();
+      this.overdraft = false;
+      clearTimeout(this.stallTimer);
+      this.stallTimer = undefined;
       this.pump();
     };
     stats.requests.read++;
@@ -252,7 +261,21 @@ export class ExtentSource extends Readable {
    * for more, so the server always has work even when replies complete out of order.
    */
   private pump(): void {
-    while (!this.planDone && !this.planning && !this.failed && this.queue.length < this.maxRequests && (this.queuedBytes + this.heldBytes < this.queueSize || this.queue.length === 0)) {
+    while (!this.planDone && !this.planning && !this.failed && this.queue.length < this.maxRequests) {
+      if (this.queuedBytes + this.pool.pinned >= this.queueSize) {
+        if (!this.overdraft) {
+          // budget held: normally a release comes soon and calls pump() again
+          if (this.queue.length === 0 && this.pendingRead && !this.stallTimer) {
+            this.stallTimer = setTimeout(() => {
+              this.stallTimer = undefined;
+              this.overdraft = true;
+              this.pump();
+            }, STALL_MS);
+          }
+          return;
+        }
+        this.overdraft = false;
+      }
       this.planning = true;
       this.plan.next().then(
         (n) => {
@@ -270,7 +293,7 @@ export class ExtentSource extends Readable {
   }
 
   private start(p: Piece): void {
-    const entry: QueueEntry = { bytes: p.kind === 'data' || (p.kind === 'chunk' && p.chunk.kind === 'data') ? p.length : 0, chunks: undefined };
+    const entry: QueueEntry = { bytes: p.kind === 'chunk' && p.chunk.kind === 'data' ? p.length : 0, chunks: undefined };
     this.queue.push(entry);
     this.queuedBytes += entry.bytes;
     this.readPiece(p).then(
@@ -322,6 +345,7 @@ export class ExtentSource extends Readable {
   }
 
   override _destroy(cb: (err: Error | null) => void): void {
+    clearTimeout(this.stallTimer);
     void this.plan.return(undefined).finally(() => cb(null));
   }
 }

@@ -3,7 +3,8 @@ import { clipExtents, ExtentMap } from '../../lib/extents.js';
 import { splitZeroBlocks, isZero } from '../../lib/streams/zero-detect.js';
 import { ExtentSource } from '../../lib/streams/extent-source.js';
 import { Sink } from '../../lib/streams/sink.js';
-import { pipelinePromise } from 'streamx';
+import { Transform, pipelinePromise } from 'streamx';
+import { BufferPool } from '../../lib/streams/buffer-pool.js';
 import { MemoryEndpoint } from '../../lib/endpoints/memory.js';
 import type { Chunk } from '../../lib/extents.js';
 
@@ -158,5 +159,80 @@ describe('ExtentSource piece planning', () => {
       throw Object.assign(new Error('boom'), { offset });
     };
     await expect(chunks(ep)).rejects.toThrow('boom');
+  });
+});
+
+describe('read buffers (BufferPool) and the --queue-size bound', () => {
+  it('cuts short reads from shared slabs, reuses a slab once all its pieces are back, and counts slabs as pinned', () => {
+    const K = 1024;
+    const pool = new BufferPool(MiB);
+    const a = pool.take(299 * K);
+    const b = pool.take(300 * K);
+    expect(a.buf.buffer).toBe(b.buf.buffer); // one slab
+    expect(b.buf.byteOffset - a.buf.byteOffset).toBe(300 * K); // pieces start 4 KiB-aligned
+    expect(pool.pinned).toBe(600 * K); // the part cut so far
+    const c = pool.take(600 * K); // does not fit: the first slab is left whole, a second is cut
+    expect(c.buf.buffer).not.toBe(a.buf.buffer);
+    expect(pool.pinned).toBe(MiB + 600 * K);
+    a.release();
+    a.release(); // a second call is ignored
+    expect(pool.pinned).toBe(MiB + 600 * K);
+    b.release(); // the first slab is free again
+    expect(pool.pinned).toBe(600 * K);
+    const d = pool.take(MiB); // does not fit the second slab: the freed first one is reused
+    expect(d.buf.buffer).toBe(a.buf.buffer);
+    expect(pool.pinned).toBe(2 * MiB);
+    c.release();
+    d.release(); // the current slab, all back: cut from its start again
+    expect(pool.pinned).toBe(0);
+    expect(pool.take(K).buf.byteOffset).toBe(d.buf.byteOffset);
+  });
+
+  // many short data extents: every read is shorter than the largest read size
+  const shortExtents = (size: number): MemoryEndpoint => {
+    const buf = Buffer.alloc(size, 1);
+    const zeroRanges = [];
+    for (let o = 0; o < size; o += 512 * 1024) zeroRanges.push({ offset: o + 256 * 1024, length: 256 * 1024 });
+    for (const z of zeroRanges) buf.fill(0, z.offset, z.offset + z.length);
+    return new MemoryEndpoint(buf, 'memory:', zeroRanges);
+  };
+
+  it('keeps the buffers of a copy within queue-size however short its reads', async () => {
+    const src = shortExtents(64 * MiB);
+    const source = new ExtentSource(src, { queueSize: 4 * MiB });
+    let heldMost = 0;
+    let held = 0;
+    const dst = new MemoryEndpoint(Buffer.alloc(src.size));
+    const sink = new Sink(dst, { queueSize: 64 * MiB });
+    // a slow target: each chunk's buffer comes back 2 ms after it arrived
+    const watch = new Transform({
+      transform(c: Chunk, cb) {
+        if (c.kind === 'data') {
+          held += c.length;
+          heldMost = Math.max(heldMost, held);
+          const release = c.release!;
+          c.release = () =>
+            setTimeout(() => {
+              held -= c.length;
+              release();
+            }, 2);
+        }
+        cb(null, c);
+      },
+    });
+    await pipelinePromise(source, watch, sink);
+    expect(dst.buffer.equals(src.buffer)).toBe(true);
+    // 128 reads of 256 KiB, cut from one 4 MiB slab: up to 16 at once, never more than the budget
+    expect(heldMost).toBeLessThanOrEqual(4 * MiB);
+    expect(heldMost).toBeGreaterThanOrEqual(2 * MiB);
+  });
+
+  it('still ends when the consumer never releases (one read per stall beyond the budget)', async () => {
+    const src = shortExtents(12 * MiB);
+    const chunks: Chunk[] = [];
+    for await (const c of new ExtentSource(src, { queueSize: 4 * MiB })) chunks.push(c as Chunk);
+    const data = chunks.filter((c) => c.kind === 'data');
+    expect(data.reduce((n, c) => n + c.length, 0)).toBe(6 * MiB);
+    expect(data.every((c) => c.data!.equals(src.buffer.subarray(c.offset, c.offset + c.length)))).toBe(true);
   });
 });
