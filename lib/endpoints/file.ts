@@ -14,7 +14,7 @@
  *  - Every I/O failure is an NbdStreamError('ERR_IO', '<op> failed: <CODE> <text>') with the path
  *    and the request offset; messages are one line.
  */
-import { constants as fsConstants } from 'node:fs';
+import { constants as fsConstants, writeSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { nodeFsPromises } from '../builtins.js';
 import { NbdStreamError } from '../errors.js';
@@ -34,6 +34,12 @@ import {
 
 const MiB = 1024 * 1024;
 const MAX_REQUEST = 32 * MiB;
+/**
+ * Writes up to this size run on the calling thread when no other write is queued: a short
+ * buffered write costs less than handing it to libuv's thread pool and back, which with many
+ * short data extents (tens of thousands) dominated the copy.
+ */
+const SYNC_WRITE_MAX = 256 * 1024;
 const DEFAULT_BLOCK_SIZE = 4096;
 
 /** "CODE text" from a node:fs or addon error ("ENOENT: no such file or directory, open '/x'"). */
@@ -162,6 +168,8 @@ export class FileEndpoint implements Endpoint {
 
   /** The last write queued: writes run one at a time (see write()). */
   private lastWrite: Promise<unknown> = Promise.resolve();
+  /** Writes queued and not yet done. */
+  private writesQueued = 0;
 
   /**
    * Writes run one at a time, in the order they were asked for: buffered writes to one file
@@ -169,15 +177,44 @@ export class FileEndpoint implements Endpoint {
    * (on tmpfs, 4 concurrent 4 MiB writers cost twice the CPU of one).
    */
   write(offset: number, data: Buffer): Promise<void> {
-    const p = this.lastWrite.then(() => this.writeNow(offset, data));
+    if (data.length <= SYNC_WRITE_MAX && this.writesQueued === 0) {
+      try {
+        this.writeShort(offset, data);
+        return Promise.resolve();
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    this.writesQueued++;
+    const p = this.lastWrite.then(() => (data.length <= SYNC_WRITE_MAX ? this.writeShort(offset, data) : this.writeNow(offset, data))).finally(() => this.writesQueued--);
     this.lastWrite = p.catch(() => undefined);
     return p;
   }
 
-  private async writeNow(offset: number, data: Buffer): Promise<void> {
-    checkRange(this.name, offset, data.length);
+  /** A short write on this thread (see SYNC_WRITE_MAX). */
+  private writeShort(offset: number, data: Buffer): void {
+    this.checkWritable(offset, data.length);
+    let done = 0;
+    try {
+      while (done < data.length) {
+        const n = writeSync(this.fd, data, done, data.length - done, offset + done);
+        if (n === 0) throw Object.assign(new Error('ENOSPC: no space left on device (0 bytes written)'), { code: 'ENOSPC' });
+        done += n;
+      }
+    } catch (err) {
+      throw ioError('write', err, this.name, offset + done);
+    }
+    if (this.kind === 'file') this.grow(offset + data.length);
+  }
+
+  private checkWritable(offset: number, length: number): void {
+    checkRange(this.name, offset, length);
     this.checkOpen();
     if (this.mode !== 'target') throw readOnlyError(this.name, offset);
+  }
+
+  private async writeNow(offset: number, data: Buffer): Promise<void> {
+    this.checkWritable(offset, data.length);
     let done = 0;
     try {
       while (done < data.length) {

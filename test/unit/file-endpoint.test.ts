@@ -199,6 +199,30 @@ describe('regular file target', () => {
     expect(isAllZero(onDisk.subarray(0, 1 * MiB + 3))).toBe(true);
   });
 
+  it('keeps writes in the order asked, short ones (run on the calling thread) behind queued long ones', async () => {
+    const path = join(dir, 'write-order');
+    const ep = track(await openFile(path, 'target', { sourceSize: 4 * MiB }));
+    const fill = (n: number, v: number) => Buffer.alloc(n, v);
+    // a short write with nothing queued completes on the spot
+    const first = ep.write(3 * MiB, fill(4 * KiB, 9));
+    expect(readFileSync(path).subarray(3 * MiB, 3 * MiB + 4 * KiB).equals(fill(4 * KiB, 9))).toBe(true);
+    const writes = [
+      first,
+      ep.write(0, fill(1 * MiB, 1)), // long: thread pool
+      ep.write(0, fill(4 * KiB, 2)), // short, queued behind it: must land after it
+      ep.write(8 * KiB, fill(4 * KiB, 3)),
+      ep.write(4 * KiB, fill(2 * MiB, 4)), // long again, over the last one
+    ];
+    await Promise.all(writes);
+    const onDisk = readFileSync(path);
+    expect(onDisk.subarray(0, 4 * KiB).equals(fill(4 * KiB, 2))).toBe(true);
+    expect(onDisk.subarray(4 * KiB, 4 * KiB + 2 * MiB).equals(fill(2 * MiB, 4))).toBe(true);
+    expect(onDisk.subarray(2 * MiB + 4 * KiB, 3 * MiB).equals(fill(MiB - 4 * KiB, 0))).toBe(true);
+    // a failing short write is rejected, not thrown
+    await ep.close();
+    await expect(ep.write(0, fill(10, 1))).rejects.toMatchObject({ code: 'ERR_USAGE' });
+  });
+
   it('zero() punches a hole that reads back as zeroes', async () => {
     const path = join(dir, 'punch');
     const ep = track(await openFile(path, 'target', { sourceSize: 4 * MiB }));
