@@ -109,6 +109,21 @@ const cases: Case[] = [
     nbdcopy: 'nbdcopy -- "$uri" [ nbdkit memory 16G ]',
   },
   {
+    name: 'sparse-random 4G 30%, 40k short extents → null:',
+    server: ['sparse-random', '4G', 'percent=30', 'runlength=65536', 'seed=1'],
+    bytes: 4 * GiB,
+    nbdstream: `${cli} "$uri" null:`,
+    nbdcopy: 'nbdcopy "$uri" null:',
+  },
+  {
+    name: 'sparse-random 4G 30%, 40k short extents → file (tmpfs)',
+    server: ['sparse-random', '4G', 'percent=30', 'runlength=65536', 'seed=1'],
+    bytes: 4 * GiB,
+    nbdstream: `${cli} "$uri" ${out}`,
+    nbdcopy: `nbdcopy "$uri" ${out}`,
+    before: rmOut,
+  },
+  {
     name: 'dense 2G file → NBD (nbdkit memory)',
     bytes: 2 * GiB,
     nbdstream: `${cli} -- ${dense} [ nbdkit memory 2G ]`,
