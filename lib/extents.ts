@@ -18,11 +18,18 @@ export interface Chunk {
    * sink after the write completed). Data must not be used afterwards.
    */
   release?: () => void;
-  /**
-   * Data chunks: no block of this many bytes, aligned to a multiple of it, inside the chunk is
-   * all zeroes (checked as the bytes arrived), so -S with this block size need not look again.
-   */
-  noZeroBlocks?: number;
+  /** Data chunks: its all-zero blocks, found as the bytes arrived (-S need not look again). */
+  zeroBlocks?: ZeroBlockMap;
+}
+
+/**
+ * The all-zero blocks of some data: every block of `blockSize` bytes aligned to a multiple of
+ * it (by export offset) and inside the data was checked; `runs` (in offset order, merged) are
+ * the ones that hold only zero bytes. Empty runs: none do.
+ */
+export interface ZeroBlockMap {
+  blockSize: number;
+  runs: Array<{ offset: number; length: number }>;
 }
 
 /** Work range: requests never cross a multiple of this (nbdcopy's THREAD_WORK_SIZE). */

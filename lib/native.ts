@@ -43,7 +43,7 @@ export interface NativeOps {
   /**
    * Before sending NBD_CMD_READ `cookie` at export `offset`: its payload goes into `buffer`. With
    * `zeroBlock` N > 0 the payload is checked for all-zero N-aligned blocks as it arrives (event
-   * flag bit 16 set: none).
+   * flag bit 16: checked; raw: the all-zero runs as pairs of doubles).
    */
   readerExpect(reader: SocketReader, cookie: number, buffer: Buffer, offset: number, zeroBlock?: number): void;
   /** The read `cookie` was answered (idempotent). */

@@ -13,10 +13,11 @@
  *     received, then event SIMPLE_READ(cookie, flags).
  *
  * A read registered with a zero block size N (-S) is checked as it arrives, while its bytes are
- * still in cache: flags bit ZERO_FREE (1 << 16) on its DATA / SIMPLE_READ event says that no
- * N-aligned block of N bytes inside the payload is all zeroes, and that the payload's edges are
- * N-aligned or the request's own (so no block the JS side would check was missed). Without the
- * bit, JS checks the data itself.
+ * still in cache: flags bit ZERO_CHECKED (1 << 16) on its DATA / SIMPLE_READ event says that
+ * every N-aligned block of N bytes inside the payload was checked, and that the payload's edges
+ * are N-aligned or the request's own (so no block the JS side would check was missed); the
+ * all-zero blocks found are in raw, as runs: pairs of doubles (export offset, length), none if
+ * raw is empty. Without the bit, JS checks the data itself.
  *
  * Every other chunk or reply (NONE, OFFSET_HOLE, BLOCK_STATUS, errors, replies to other
  * commands) is received whole and handed to JS as RAW bytes for its decoder, which checks it.
@@ -26,12 +27,13 @@
  * it cuts a reply the thread was receiving); a socket error is event ERROR(-errno).
  *
  *   readerStart(fd, structured, onEvent) -> handle     fd is dup'ed: JS may close its own
- *   readerExpect(handle, cookie, buffer, offset[, N])  before sending the read; N: zero block size
+ *   readerExpect(handle, cookie, buffer, offset[, N])  before sending the read; N: zero block size (-S)
  *   readerForget(handle, cookie)                       after the read's reply (idempotent)
  *   readerStop(handle)                                 stop and join; no events afterwards
  *
  * onEvent(kind, cookie, offset, length, flags, raw): kind RAW=0 (raw: Buffer), DATA=1,
- * SIMPLE_READ=2, END=3 (flags: midReply), ERROR=4 (length: -errno).
+ * SIMPLE_READ=2 (raw: zero block runs, see above), END=3 (flags: midReply), ERROR=4 (length:
+ * -errno).
  * JS must keep each registered buffer alive and untouched until its read is answered or
  * readerStop() returned (readerStop joins, so nothing writes afterwards).
  */
@@ -57,7 +59,7 @@
 #define RAW_READ 65536
 /* Read payloads are received in slices of this size and checked for zero blocks slice by slice. */
 #define SCAN_SLICE (256u * 1024)
-#define EV_FLAG_ZERO_FREE (1u << 16)
+#define EV_FLAG_ZERO_CHECKED (1u << 16)
 
 enum { EV_RAW = 0, EV_DATA = 1, EV_SIMPLE_READ = 2, EV_END = 3, EV_ERROR = 4 };
 
@@ -213,27 +215,53 @@ static void raw_mode(reader_t *r) {
 /* True if the n bytes at p are all zero. */
 static int all_zero(const uint8_t *p, uint64_t n) { return p[0] == 0 && p[n - 1] == 0 && memcmp(p, p + 1, n - 1) == 0; }
 
+/* All-zero block runs found in a payload: pairs (export offset, length) as doubles, for JS. */
+typedef struct {
+  double *v;
+  size_t n, cap; /* doubles */
+  int failed;    /* out of memory: the payload counts as unchecked */
+} runs_t;
+
+static void add_zero_block(runs_t *z, uint64_t off, uint64_t n) {
+  if (z->n && (uint64_t)z->v[z->n - 2] + (uint64_t)z->v[z->n - 1] == off) {
+    z->v[z->n - 1] += (double)n;
+    return;
+  }
+  if (z->n + 2 > z->cap) {
+    size_t cap = z->cap ? z->cap * 2 : 32;
+    double *grown = realloc(z->v, cap * sizeof *grown);
+    if (!grown) {
+      z->failed = 1;
+      return;
+    }
+    z->v = grown;
+    z->cap = cap;
+  }
+  z->v[z->n++] = (double)off;
+  z->v[z->n++] = (double)n;
+}
+
 /*
  * Receive the len payload bytes of read e at export offset off into its buffer. With a zero
- * block size, *flags gets EV_FLAG_ZERO_FREE if no aligned whole block inside the payload is all
- * zeroes and the payload's edges are aligned or the request's own; each slice is checked right
- * after it arrives.
+ * block size, *flags gets EV_FLAG_ZERO_CHECKED if the payload's edges are aligned or the
+ * request's own, and every aligned whole block inside it was checked; the all-zero ones are
+ * added to *zero. The payload is received in slices, each checked right after it arrives.
  */
-static int receive_payload(reader_t *r, const expect_t *e, uint64_t off, uint64_t len, uint32_t *flags) {
+static int receive_payload(reader_t *r, const expect_t *e, uint64_t off, uint64_t len, uint32_t *flags, runs_t *zero) {
   uint64_t n = e->zero_block, end = off + len;
   size_t got;
   if (!n) return receive_exact(r, e->buf + (off - e->offset), len, &got);
-  int clean = (off % n == 0 || off == e->offset) && (end % n == 0 || end == e->offset + e->length);
+  int checked = (off % n == 0 || off == e->offset) && (end % n == 0 || end == e->offset + e->length);
   uint64_t next = (off + n - 1) / n * n; /* the next block to check */
   for (uint64_t done = off; done < end;) {
     uint64_t slice = end - done < SCAN_SLICE ? end - done : SCAN_SLICE;
     int st = receive_exact(r, e->buf + (done - e->offset), slice, &got);
     if (st != RX_OK) return st;
     done += slice;
-    for (; clean && next + n <= done; next += n)
-      if (all_zero(e->buf + (next - e->offset), n)) clean = 0;
+    for (; checked && next + n <= done; next += n)
+      if (all_zero(e->buf + (next - e->offset), n)) add_zero_block(zero, next, n);
   }
-  if (clean) *flags |= EV_FLAG_ZERO_FREE;
+  if (checked && !zero->failed) *flags |= EV_FLAG_ZERO_CHECKED;
   return RX_OK;
 }
 
@@ -251,9 +279,11 @@ static int one_reply(reader_t *r) {
     uint32_t error = be32(h + 4);
     if (!r->structured && error == 0 && cookie_hi == 0 && lookup(r, cookie, &e, 1)) {
       uint32_t ev_flags = 0;
-      st = receive_payload(r, &e, e.offset, e.length, &ev_flags);
-      if (st != RX_OK) return failed(r, st, NULL, 0, 1);
-      return emit(r, EV_SIMPLE_READ, cookie, 0, 0, ev_flags, NULL, 0);
+      runs_t zero = {0};
+      st = receive_payload(r, &e, e.offset, e.length, &ev_flags, &zero);
+      int ok = st == RX_OK ? emit(r, EV_SIMPLE_READ, cookie, 0, 0, ev_flags, (const uint8_t *)zero.v, zero.n * sizeof(double)) : failed(r, st, NULL, 0, 1);
+      free(zero.v);
+      return ok;
     }
     /* errors, replies to other commands; anything JS rejects ends the connection there */
     return emit(r, EV_RAW, 0, 0, 0, 0, h, 16);
@@ -278,10 +308,16 @@ static int one_reply(reader_t *r) {
       return -1;
     }
     uint32_t ev_flags = flags;
-    st = receive_payload(r, &e, offset, len, &ev_flags);
-    if (st != RX_OK) return failed(r, st, NULL, 0, 1);
+    runs_t zero = {0};
+    st = receive_payload(r, &e, offset, len, &ev_flags, &zero);
+    if (st != RX_OK) {
+      free(zero.v);
+      return failed(r, st, NULL, 0, 1);
+    }
     if (flags & REPLY_FLAG_DONE) lookup(r, cookie, &e, 1);
-    return emit(r, EV_DATA, cookie, offset, (int64_t)len, ev_flags, NULL, 0);
+    int ok = emit(r, EV_DATA, cookie, offset, (int64_t)len, ev_flags, (const uint8_t *)zero.v, zero.n * sizeof(double));
+    free(zero.v);
+    return ok;
   }
   /* any other chunk: whole, to JS */
   st = receive_exact(r, h + 16, 4, &got);

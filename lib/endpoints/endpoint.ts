@@ -4,7 +4,7 @@
  * fallback here (extents -> one data extent, zero -> write zero buffers).
  */
 import { NbdStreamError } from '../errors.js';
-import type { Chunk } from '../extents.js';
+import type { Chunk, ZeroBlockMap } from '../extents.js';
 
 export interface Capabilities {
   /** extents() gives real allocation information. */
@@ -59,11 +59,8 @@ export interface ReadResult {
   data: Buffer;
   /** Ranges known to be zero without having been transferred (NBD OFFSET_HOLE chunks). */
   zeroes?: Range[];
-  /**
-   * Set when the data (outside `zeroes`) was checked as it arrived and holds no all-zero block
-   * of this many bytes aligned to a multiple of it (OpenOptions.zeroBlockSize).
-   */
-  noZeroBlocks?: number;
+  /** The all-zero blocks of the data (outside `zeroes`), when found as it arrived (OpenOptions.zeroBlockSize). */
+  zeroBlocks?: ZeroBlockMap;
 }
 
 export interface ZeroOptions {
@@ -121,7 +118,7 @@ export interface OpenOptions {
   retries?: number;
   /**
    * Source: the -S block size. An NBD source received by the native reader checks read data for
-   * all-zero blocks of this size as it arrives (ReadResult.noZeroBlocks), sparing -S a pass over
+   * all-zero blocks of this size as it arrives (ReadResult.zeroBlocks), sparing -S a pass over
    * cache-cold buffers.
    */
   zeroBlockSize?: number;

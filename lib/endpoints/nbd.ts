@@ -67,7 +67,7 @@ export class NbdEndpoint implements Endpoint {
   async read(offset: number, length: number, into?: Buffer): Promise<ReadResult> {
     const r = await this.client.pread(offset, length, into);
     const out: ReadResult = r.holes.length ? { data: r.data, zeroes: r.holes } : { data: r.data };
-    if (r.noZeroBlocks) out.noZeroBlocks = r.noZeroBlocks;
+    if (r.zeroBlocks) out.zeroBlocks = r.zeroBlocks;
     return out;
   }
 

@@ -28,6 +28,7 @@ import {
   commandName,
 } from './protocol.js';
 import { formatNbdUri, parseNbdUri, type NbdAddress } from './uri.js';
+import type { ZeroBlockMap } from '../extents.js';
 
 export type { Range } from './connection.js';
 export { NBD_STATE_HOLE, NBD_STATE_ZERO };
@@ -47,7 +48,7 @@ export interface ConnectOptions {
   endpoint?: string;
   /**
    * Check read data for all-zero blocks of this size as it arrives (native reader only; see
-   * ReadResult.noZeroBlocks). Default 0: no check.
+   * ReadResult.zeroBlocks). Default 0: no check.
    */
   zeroBlockSize?: number;
   /** Seconds a request may wait for its reply before the connection is failed (default: none). */
@@ -66,10 +67,10 @@ export interface ReadResult {
   /** Ranges the server sent as OFFSET_HOLE chunks (known zero), in export offsets. */
   holes: Range[];
   /**
-   * With ConnectOptions.zeroBlockSize N: set to N when all the data was checked as it arrived
-   * and no N-aligned block of N bytes in it is all zeroes.
+   * With ConnectOptions.zeroBlockSize: the all-zero blocks of the data, when all of it was
+   * checked as it arrived (the native reader).
    */
-  noZeroBlocks?: number;
+  zeroBlocks?: ZeroBlockMap;
 }
 
 export interface BlockStatusExtent {
@@ -318,7 +319,10 @@ export class NbdClient {
     const result: ReadResult = { data, holes: rs.length === 1 ? (rs[0].holes ?? []) : rs.flatMap((r) => r.holes ?? []) };
     // a block across two pieces was checked by neither: only aligned cuts keep the promise
     const n = this.copts.zeroBlockSize;
-    if (n && rs.every((r, i) => r.zeroChecked && (i === 0 || r.offset % n === 0))) result.noZeroBlocks = n;
+    if (n && rs.every((r, i) => r.zeroRuns && (i === 0 || r.offset % n === 0))) {
+      const runs = rs.length === 1 ? rs[0].zeroRuns! : rs.flatMap((r) => r.zeroRuns!);
+      result.zeroBlocks = { blockSize: n, runs };
+    }
     return result;
   }
 

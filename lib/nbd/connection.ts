@@ -11,7 +11,7 @@ import { getSystemErrorName } from 'node:util';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
 import { nodeTls } from '../builtins.js';
 import { encodeRequest } from './encode.js';
-import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from './decode.js';
+import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler, type ZeroRuns } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
 import type { NbdAddress } from './uri.js';
@@ -31,8 +31,17 @@ import {
 const READER_RAW = 0;
 const READER_DATA = 1;
 const READER_SIMPLE_READ = 2;
-/** Event flag: the read data just received holds no all-zero block (native/socket_reader.c). */
-const READER_ZERO_FREE = 1 << 16;
+/** Event flag: the read data just received was checked for zero blocks; raw lists the all-zero ones (native/socket_reader.c). */
+const READER_ZERO_CHECKED = 1 << 16;
+const NO_RUNS: ZeroRuns = new Float64Array(0);
+
+/** The zero-block runs of a DATA / SIMPLE_READ event: pairs of native doubles in raw. */
+function zeroRuns(flags: number, raw: Buffer | undefined): ZeroRuns | undefined {
+  if (!(flags & READER_ZERO_CHECKED)) return undefined;
+  if (!raw?.length) return NO_RUNS;
+  const bytes = raw.byteOffset % 8 === 0 ? raw : Buffer.from(raw);
+  return new Float64Array(bytes.buffer, bytes.byteOffset, bytes.length / 8);
+}
 const READER_END = 3;
 
 export interface ConnectionOptions {
@@ -59,8 +68,11 @@ class Request implements PendingRequest {
   sent = 0;
   holes: Range[] | undefined;
   covered = 0;
-  /** Reads: every data part was checked for zero blocks as it arrived (the native reader), none found. */
-  zeroChecked = true;
+  /**
+   * Reads: the all-zero blocks of the data, while every data part so far was checked for them
+   * as it arrived (the native reader); undefined once a part was not.
+   */
+  zeroRuns: Range[] | undefined = [];
   error: NbdStreamError | undefined;
   extents: Extent[] | undefined;
   contextId = 0;
@@ -255,9 +267,9 @@ export class NbdConnection implements ReplyHandler {
       case READER_RAW:
         return d.push(raw!);
       case READER_DATA:
-        return d.dataReceived(cookie, offset, length, flags, (flags & READER_ZERO_FREE) !== 0);
+        return d.dataReceived(cookie, offset, length, flags, zeroRuns(flags, raw));
       case READER_SIMPLE_READ:
-        return d.simpleReadReceived(cookie, (flags & READER_ZERO_FREE) !== 0);
+        return d.simpleReadReceived(cookie, zeroRuns(flags, raw));
       case READER_END:
         return this.lostByServer(flags === 1);
       default:
@@ -319,19 +331,25 @@ export class NbdConnection implements ReplyHandler {
     return this.pending.get(cookie);
   }
 
-  onSimpleReply(cookie: number, errno: number, zeroFree = false): void {
+  onSimpleReply(cookie: number, errno: number, zeroRuns?: ZeroRuns): void {
     const r = this.pending.get(cookie)!;
-    if (!zeroFree) r.zeroChecked = false;
+    this.zeroChecked(r, zeroRuns);
     if (errno) r.error = this.serverError(r, errno, '', undefined);
     else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
     else r.covered = r.length;
     this.finish(r);
   }
 
-  onData(cookie: number, _offset: number, length: number, zeroFree = false): void {
+  onData(cookie: number, _offset: number, length: number, zeroRuns?: ZeroRuns): void {
     const r = this.pending.get(cookie)!;
     r.covered += length;
-    if (!zeroFree) r.zeroChecked = false;
+    this.zeroChecked(r, zeroRuns);
+  }
+
+  /** Add a data part's zero-block runs to its read's, or note that the part was not checked. */
+  private zeroChecked(r: Request, runs: ZeroRuns | undefined): void {
+    if (!runs) r.zeroRuns = undefined;
+    else if (r.zeroRuns) for (let i = 0; i < runs.length; i += 2) r.zeroRuns.push({ offset: runs[i], length: runs[i + 1] });
   }
 
   onHole(cookie: number, offset: number, length: number): void {

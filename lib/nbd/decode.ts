@@ -128,16 +128,22 @@ export interface Extent {
   flags: number;
 }
 
+/**
+ * The all-zero blocks a reader found in a payload it checked as it arrived (the native reader,
+ * -S): pairs (export offset, length), empty if none. Not given: the payload was not checked.
+ */
+export type ZeroRuns = Float64Array;
+
 /** Events from ReplyDecoder. Cookies are the low 32 bits of the 64-bit cookie. */
 export interface ReplyHandler {
   lookup(cookie: number): PendingRequest | undefined;
   /**
-   * A simple reply; for a successful read the payload is already in dest. `zeroFree`: the native
-   * reader checked the payload and found no all-zero block (see readerExpect).
+   * A simple reply; for a successful read the payload is already in dest. `zeroRuns`: from a
+   * reader that checked the payload for all-zero blocks as it arrived (see ZeroRuns).
    */
-  onSimpleReply(cookie: number, errno: number, zeroFree?: boolean): void;
-  /** OFFSET_DATA: `length` bytes at export offset `offset` are in dest (`zeroFree` as above). */
-  onData(cookie: number, offset: number, length: number, zeroFree?: boolean): void;
+  onSimpleReply(cookie: number, errno: number, zeroRuns?: ZeroRuns): void;
+  /** OFFSET_DATA: `length` bytes at export offset `offset` are in dest (`zeroRuns` as above). */
+  onData(cookie: number, offset: number, length: number, zeroRuns?: ZeroRuns): void;
   /** OFFSET_HOLE: `length` bytes at `offset` read as zero (dest untouched). */
   onHole(cookie: number, offset: number, length: number): void;
   onBlockStatus(cookie: number, contextId: number, extents: Extent[]): void;
@@ -210,15 +216,15 @@ export class ReplyDecoder {
    * An OFFSET_DATA chunk was received elsewhere (the native reader checked its header and range
    * and put its payload in the request's dest): report it as if it had been parsed here.
    */
-  dataReceived(cookie: number, offset: number, length: number, flags: number, zeroFree = false): void {
+  dataReceived(cookie: number, offset: number, length: number, flags: number, zeroRuns?: ZeroRuns): void {
     if (!this.receivedElsewhere(cookie, 'data chunk')) return;
-    this.handler.onData(cookie, offset, length, zeroFree);
+    this.handler.onData(cookie, offset, length, zeroRuns);
     if (flags & NBD_REPLY_FLAG_DONE && this.state !== S_DEAD) this.handler.onDone(cookie);
   }
 
   /** A simple reply with its read payload was received elsewhere (see dataReceived). */
-  simpleReadReceived(cookie: number, zeroFree = false): void {
-    if (this.receivedElsewhere(cookie, 'read reply')) this.handler.onSimpleReply(cookie, 0, zeroFree);
+  simpleReadReceived(cookie: number, zeroRuns?: ZeroRuns): void {
+    if (this.receivedElsewhere(cookie, 'read reply')) this.handler.onSimpleReply(cookie, 0, zeroRuns);
   }
 
   /** A reply part parsed elsewhere may be reported only between replies, for a pending read. */

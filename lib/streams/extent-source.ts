@@ -232,8 +232,8 @@ export class ExtentSource extends Readable {
       throw new NbdStreamError('ERR_IO', `short read: ${length} of ${p.length} bytes`, { endpoint: this.src.name, offset: p.offset });
     }
     stats.bytesRead += length;
-    const checked = r.noZeroBlocks;
-    if (!r.zeroes?.length) return [checked ? { offset: p.offset, length, kind: 'data', data: r.data, release, noZeroBlocks: checked } : { offset: p.offset, length, kind: 'data', data: r.data, release }];
+    const zb = r.zeroBlocks;
+    if (!r.zeroes?.length) return [zb ? { offset: p.offset, length, kind: 'data', data: r.data, release, zeroBlocks: zb } : { offset: p.offset, length, kind: 'data', data: r.data, release }];
     // split around the ranges the server sent as holes
     const out: Chunk[] = [];
     let pos = p.offset;
@@ -250,8 +250,14 @@ export class ExtentSource extends Readable {
       }
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
-    // a block inside a data part lies inside the checked data
-    if (checked) for (const c of out) if (c.kind === 'data') c.noZeroBlocks = checked;
+    // each data part gets the zero blocks inside it
+    if (zb) {
+      for (const c of out) {
+        if (c.kind !== 'data') continue;
+        const end = c.offset + c.length;
+        c.zeroBlocks = { blockSize: zb.blockSize, runs: zb.runs.filter((z) => z.offset >= c.offset && z.offset + z.length <= end) };
+      }
+    }
     shareRelease(out, release);
     return out;
   }

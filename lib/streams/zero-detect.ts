@@ -2,8 +2,9 @@
  * ZeroDetect: a streamx Transform applying -S N. In each data chunk, every N-aligned block (by
  * absolute offset) of zero bytes becomes zero instead of data; adjacent zero blocks and adjacent
  * data blocks inside the chunk merge, so a chunk turns into alternating data and zero chunks. An
- * unaligned head or tail is data. Zero chunks, N = 0 and data chunks already checked for
- * this N as they arrived (chunk.noZeroBlocks, from the native NBD reader) pass through unchanged.
+ * unaligned head or tail is data. Zero chunks and N = 0 pass through unchanged. A data chunk whose
+ * zero blocks for this N were found as it arrived (chunk.zeroBlocks, from the native NBD reader)
+ * is split by them without looking at its bytes.
  */
 import { Transform } from 'streamx';
 import type { Chunk } from '../extents.js';
@@ -23,7 +24,8 @@ export function isZero(buf: Buffer, start: number, end: number): boolean {
 
 /** Split one data chunk into data/zero chunks at N-aligned zero blocks. */
 export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
-  if (c.kind !== 'data' || n <= 0 || c.length < n || c.noZeroBlocks === n) return [c];
+  if (c.kind !== 'data' || n <= 0 || c.length < n) return [c];
+  if (c.zeroBlocks?.blockSize === n) return splitByRuns(c, c.zeroBlocks.runs);
   const data = c.data!;
   const out: Chunk[] = [];
   const end = c.offset + c.length;
@@ -50,6 +52,27 @@ export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
     b = next;
   }
   emit(end);
+  if (c.release) shareRelease(out, c.release);
+  return out;
+}
+
+/** Split a data chunk at known zero runs (in offset order, inside the chunk). */
+function splitByRuns(c: Chunk, runs: Array<{ offset: number; length: number }>): Chunk[] {
+  if (!runs.length) return [c];
+  const sorted = runs.length > 1 ? [...runs].sort((a, b) => a.offset - b.offset) : runs;
+  const out: Chunk[] = [];
+  const data = c.data!;
+  let pos = c.offset;
+  for (const z of sorted) {
+    if (z.offset > pos) out.push({ offset: pos, length: z.offset - pos, kind: 'data', data: data.subarray(pos - c.offset, z.offset - c.offset) });
+    const last = out[out.length - 1];
+    // runs from different parts of one read may touch: one zero chunk
+    if (last?.kind === 'zero' && last.offset + last.length === z.offset) last.length += z.length;
+    else out.push({ offset: z.offset, length: z.length, kind: 'zero' });
+    pos = z.offset + z.length;
+  }
+  const end = c.offset + c.length;
+  if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: data.subarray(pos - c.offset) });
   if (c.release) shareRelease(out, c.release);
   return out;
 }

@@ -78,13 +78,13 @@ describe.each([
     await expect(c.pread(0, 4096)).rejects.toMatchObject({ code: 'ERR_CLOSED' });
   });
 
-  it('checks read data for all-zero -S blocks as it arrives (noZeroBlocks), natively only, missing no block', async () => {
+  it('maps the all-zero -S blocks of read data as it arrives (zeroBlocks), natively only, missing no block', async () => {
     process.env.NBDSTREAM_NATIVE_READER = env;
     const dir = tmpDir();
     cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }));
     const K = 1024;
     const data = randomBytes(MiB);
-    data.fill(0, 64 * K, 68 * K); // one aligned all-zero block
+    data.fill(0, 64 * K, 72 * K); // two aligned all-zero blocks
     data.fill(0, 200 * K + 100, 204 * K + 100); // zeroes across two blocks: no whole block
     // served with two holes (OFFSET_HOLE chunks in structured replies): an aligned one, and an
     // unaligned one holding no whole block
@@ -96,26 +96,28 @@ describe.each([
     const server = new NbdServer(new MemoryEndpoint(data, 'memory:', holes));
     await server.listen({ path: path.join(dir, 'sock') });
     cleanups.push(() => server.close(200));
-    const native = receiver === 'native' ? 4096 : undefined;
+    const map = (...runs: Array<[number, number]>) => (receiver === 'native' ? { blockSize: 4096, runs: runs.map(([offset, length]) => ({ offset, length })) } : undefined);
     for (const structuredReplies of [true, false]) {
       const c = await connect(server.uri!, { zeroBlockSize: 4096, structuredReplies });
       expect(c.receiver).toBe(receiver);
       const read = async (offset: number, length: number) => {
         const r = await c.pread(offset, length);
         expect(r.data.equals(data.subarray(offset, offset + length))).toBe(true);
-        return r.noZeroBlocks;
+        return r.zeroBlocks;
       };
-      expect(await read(128 * K, 256 * K)).toBe(native); // only the zero run across blocks
-      expect(await read(100, 8 * K)).toBe(native); // unaligned edges are the request's own
-      expect(await read(0, 128 * K)).toBeUndefined(); // holds the zero block
-      // structured: the data chunks around an aligned hole were checked whole; around an
-      // unaligned one a block straddles a chunk edge, so no promise is made. Simple replies
-      // carry the holes as zero bytes: the aligned hole is an all-zero block, the other is not.
-      expect(await read(480 * K, 64 * K)).toBe(structuredReplies ? native : undefined);
-      expect(await read(736 * K, 64 * K)).toBe(structuredReplies ? undefined : native);
+      expect(await read(128 * K, 256 * K)).toEqual(map()); // only the zero run across blocks
+      expect(await read(100, 8 * K)).toEqual(map()); // unaligned edges are the request's own
+      expect(await read(0, 128 * K)).toEqual(map([64 * K, 8 * K])); // one run of two blocks
+      expect(await read(66 * K, 10 * K)).toEqual(map([68 * K, 4 * K])); // only whole blocks inside
+      // structured: the data chunks around an aligned hole were checked whole (the hole itself
+      // is a hole, not data); around an unaligned one a block straddles a chunk edge, so there is
+      // no map. Simple replies carry the holes as zero bytes: the aligned hole is two all-zero
+      // blocks, the other holds none.
+      expect(await read(480 * K, 64 * K)).toEqual(structuredReplies ? map() : map([512 * K, 8 * K]));
+      expect(await read(736 * K, 64 * K)).toEqual(structuredReplies ? undefined : map());
       await c.close();
     }
     const plain = await connect(server.uri!);
-    expect((await plain.pread(128 * K, 256 * K)).noZeroBlocks).toBeUndefined();
+    expect((await plain.pread(0, 128 * K)).zeroBlocks).toBeUndefined();
   });
 });

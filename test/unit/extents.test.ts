@@ -107,10 +107,21 @@ describe('zero detection (-S)', () => {
     const t = splitZeroBlocks({ offset: 0, length: 4196, kind: 'data', data: Buffer.alloc(4196) }, 4096);
     expect(t.map((x) => `${x.kind} ${x.offset}+${x.length}`)).toEqual(['zero 0+4096', 'data 4096+100']);
   });
-  it('passes a chunk already checked for this N (noZeroBlocks) on unread; one checked for another N is split', () => {
-    const c: Chunk = { offset: 0, length: 8192, kind: 'data', data: Buffer.alloc(8192), noZeroBlocks: 4096 };
-    expect(splitZeroBlocks(c, 4096)).toEqual([c]);
-    expect(splitZeroBlocks(c, 512).map((x) => `${x.kind} ${x.offset}+${x.length}`)).toEqual(['zero 0+8192']);
+  it('splits a chunk whose zero blocks for this N are known (zeroBlocks) by them, unread; for another N it looks', () => {
+    // the bytes say all zero: only the map is used for N = 4096
+    const data = Buffer.alloc(5 * 4096 + 100);
+    const c: Chunk = { offset: 4096 - 100, length: data.length, kind: 'data', data, zeroBlocks: { blockSize: 4096, runs: [{ offset: 12288, length: 4096 }, { offset: 4096, length: 4096 }] } };
+    const show = (cs: Chunk[]) => cs.map((x) => `${x.kind} ${x.offset}+${x.length}`);
+    expect(show(splitZeroBlocks(c, 4096))).toEqual(['data 3996+100', 'zero 4096+4096', 'data 8192+4096', 'zero 12288+4096', 'data 16384+8192']);
+    expect(splitZeroBlocks({ ...c, zeroBlocks: { blockSize: 4096, runs: [] } }, 4096)).toHaveLength(1);
+    expect(show(splitZeroBlocks(c, 512))).toEqual(['data 3996+100', 'zero 4096+20480']);
+    // touching runs (from two parts of one read) make one zero chunk; the data parts share the release
+    let released = 0;
+    const d: Chunk = { offset: 0, length: 16384, kind: 'data', data: Buffer.alloc(16384, 1), release: () => released++, zeroBlocks: { blockSize: 4096, runs: [{ offset: 4096, length: 4096 }, { offset: 8192, length: 4096 }] } };
+    const parts = splitZeroBlocks(d, 4096);
+    expect(show(parts)).toEqual(['data 0+4096', 'zero 4096+8192', 'data 12288+4096']);
+    for (const p of parts) p.release?.();
+    expect(released).toBe(1);
   });
 });
 
