@@ -1,5 +1,6 @@
 /** Run the built CLI (bin/nbdstream) as a user would. */
 import { spawn } from 'node:child_process';
+import { expect } from 'vitest';
 import * as path from 'node:path';
 
 export const ROOT = path.resolve(__dirname, '../..');
@@ -33,4 +34,11 @@ export function run(args: string[], o: { shell?: string; input?: Buffer; env?: R
     if (o.input) p.stdin.end(o.input);
     else p.stdin.end();
   });
+}
+
+/** A success: exit status 0 and nothing on stderr. Returns stdout. */
+export function ok(r: CliResult): string {
+  expect(r.stderr).toBe('');
+  expect(r.status).toBe(0);
+  return r.stdout.toString();
 }

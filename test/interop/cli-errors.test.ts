@@ -4,32 +4,19 @@
  * failed is reported as done (no "100/100", no writes to a target that was refused).
  * DESIGN.md §2 "Errors" and "Sizes"; issue 4 "Bad input of every kind".
  */
-import { afterEach, beforeAll, afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { logLines, nbdcopyHash, nbdkit, tmpDir, type NbdkitOptions, type Server } from '../helpers/servers.js';
+import { logLines, nbdcopyHash } from '../helpers/servers.js';
+import { dirPerFile, serversPerTest } from '../helpers/fixtures.js';
 import { run, type CliResult } from '../helpers/cli.js';
 
 const MiB = 2 ** 20;
 const EIO = 'EIO (Input/output error)';
 
-let servers: Server[] = [];
-let dir: string;
-beforeAll(() => {
-  dir = tmpDir('nbdstream-cli-errors-');
-});
-afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
-afterEach(async () => {
-  await Promise.allSettled(servers.map((s) => s.stop()));
-  servers = [];
-});
-
-async function kit(plugin: string, args: string[], o: NbdkitOptions = {}): Promise<Server> {
-  const s = await nbdkit(plugin, args, o);
-  servers.push(s);
-  return s;
-}
+const { kit } = serversPerTest();
+const dir = dirPerFile('nbdstream-cli-errors-');
 
 /** Run the CLI with a hang guard: a failure must end the process, not stall it. */
 function cli(args: string[], o: { shell?: string } = {}): Promise<CliResult> {

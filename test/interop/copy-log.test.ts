@@ -3,25 +3,20 @@
  * Source: nbdkit data with bytes at 0, 1 GiB-1, 4 GiB-1 and 4 GiB (size 4 GiB+1).
  * Target: nbdkit eval logging every pwrite/zero call (or memory + log filter for big logs).
  */
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { logLines, nbdkit, type Server } from '../helpers/servers.js';
+import { serversPerTest } from '../helpers/fixtures.js';
 import { run } from '../helpers/cli.js';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 const SIZE = 4 * GiB + 1;
-let servers: Server[] = [];
-afterEach(async () => {
-  await Promise.allSettled(servers.map((s) => s.stop()));
-  servers = [];
-});
+const { kit, track } = serversPerTest();
 
-async function source(): Promise<Server> {
-  const s = await nbdkit('data', ['1 @1073741823 1 @4294967295 1 1', `size=${SIZE}`], { readOnly: true });
-  servers.push(s);
-  return s;
+function source(): Promise<Server> {
+  return kit('data', ['1 @1073741823 1 @4294967295 1 1', `size=${SIZE}`], { readOnly: true });
 }
 
 /** An eval target of SIZE bytes that appends "pwrite COUNT OFFSET FLAGS" / "zero ..." lines to a log. */
@@ -39,7 +34,7 @@ async function evalTarget(): Promise<{ server: Server; log: () => string[] }> {
     `trim=echo "trim $3 $4 $5" >> ${log}`,
     'pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none',
   ]);
-  servers.push({ ...s, stop: async () => (await s.stop(), fs.rmSync(dir, { recursive: true, force: true })) });
+  track({ ...s, stop: async () => (await s.stop(), fs.rmSync(dir, { recursive: true, force: true })) });
   return {
     server: s,
     log: () =>
@@ -105,10 +100,8 @@ describe('request logs on the target', () => {
     });
 
   it('--no-extents reads everything and writes only full-size requests (-S 0)', async () => {
-    const src = await nbdkit('data', ['1 @1048575 1', `size=${8 * MiB}`], { readOnly: true, log: true });
-    servers.push(src);
-    const dst = await nbdkit('memory', [`${8 * MiB}`], { log: true });
-    servers.push(dst);
+    const src = await kit('data', ['1 @1048575 1', `size=${8 * MiB}`], { readOnly: true, log: true });
+    const dst = await kit('memory', [`${8 * MiB}`], { log: true });
     const r = await run(['--no-extents', '--request-size=1M', '-S', '0', src.uri, dst.uri]);
     expect(r.status).toBe(0);
     const w = logLines(dst.logFile!, ['Write']).filter((l) => l.includes('count='));
@@ -121,10 +114,8 @@ describe('request logs on the target', () => {
 
   it('-S turns zero blocks inside read pieces into zero requests', async () => {
     // 1 MiB of data extent whose second half is zero bytes
-    const src = await nbdkit('data', ['1 @524287 1', `size=${MiB}`], { readOnly: true, filters: ['noextents'] });
-    servers.push(src);
-    const dst = await nbdkit('memory', [`${MiB}`], { log: true });
-    servers.push(dst);
+    const src = await kit('data', ['1 @524287 1', `size=${MiB}`], { readOnly: true, filters: ['noextents'] });
+    const dst = await kit('memory', [`${MiB}`], { log: true });
     const r = await run(['--request-size=1M', '-S', '65536', src.uri, dst.uri]);
     expect(r.status).toBe(0);
     const calls = logLines(dst.logFile!, ['Write', 'Zero'])

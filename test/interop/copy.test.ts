@@ -2,35 +2,18 @@
  * Copies between every endpoint kind, checked by hashing source and target with independent
  * tools (nbdcopy, qemu-img, sha256 of files).
  */
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { nbdServer, nbdcopyHash, nbdkit, qemuNbd, sha256, tmpDir, type Server } from '../helpers/servers.js';
+import { nbdServer, nbdcopyHash, qemuNbd, sha256 } from '../helpers/servers.js';
+import { allocated, dirPerFile, fileHash, serversPerTest } from '../helpers/fixtures.js';
 import { pskAdd } from '../helpers/tls.js';
-import { run } from '../helpers/cli.js';
+import { ok, run } from '../helpers/cli.js';
 
 const MiB = 2 ** 20;
-let servers: Server[] = [];
-const dir = tmpDir('nbdstream-copy-');
-afterEach(async () => {
-  await Promise.allSettled(servers.map((s) => s.stop()));
-  servers = [];
-});
-afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
-
-async function kit(plugin: string, args: string[], o = {}): Promise<Server> {
-  const s = await nbdkit(plugin, args, o);
-  servers.push(s);
-  return s;
-}
-const fileHash = (f: string) => sha256(fs.readFileSync(f));
-/** Allocated bytes of a file (st_blocks × 512). */
-const allocated = (f: string) => fs.statSync(f).blocks * 512;
-function ok(r: { status: number | null; stderr: string }): void {
-  expect(r.stderr).toBe('');
-  expect(r.status).toBe(0);
-}
+const { kit, track } = serversPerTest();
+const dir = dirPerFile('nbdstream-copy-');
 const random = (seed = 1) => ['sparse-random', ['64M', 'percent=10', `seed=${seed}`], { readOnly: true }] as const;
 
 describe('copy between endpoint kinds', () => {
@@ -85,7 +68,7 @@ describe('copy between endpoint kinds', () => {
     fs.writeSync(fd, Buffer.alloc(MiB, 0x33), 0, MiB, 10 * MiB);
     fs.closeSync(fd);
     const q = await qemuNbd(src, { readOnly: true });
-    servers.push(q);
+    track(q);
     const out = path.join(dir, 'q-out.img');
     const r = await run(['-v', '--no-extents', '-S', '0', q.uri, out]);
     expect(r.status).toBe(0);
@@ -101,7 +84,7 @@ describe('copy between endpoint kinds', () => {
     const qcow = path.join(dir, 't.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M']);
     const q = await qemuNbd(qcow, { format: 'qcow2' });
-    servers.push(q);
+    track(q);
     ok(await run([src.uri, q.uri]));
     await q.stop();
     const raw = path.join(dir, 't.raw');
@@ -114,7 +97,7 @@ describe('copy between endpoint kinds', () => {
     const img = path.join(dir, 'ns.img');
     fs.writeFileSync(img, Buffer.alloc(64 * MiB, 0x11));
     const ns = await nbdServer(img);
-    servers.push(ns);
+    track(ns);
     ok(await run([src.uri, ns.uri]));
     const want = nbdcopyHash(src.uri);
     expect(nbdcopyHash(ns.uri)).toBe(want);

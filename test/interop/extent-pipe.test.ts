@@ -4,34 +4,18 @@
  * files, truncated and damaged pipes, and qemu-nbd exporting a qcow2 dirty bitmap (-B). Checked
  * with nbdcopy, nbdinfo, qemu-img and sha256 of files. Issue 8.
  */
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { logLines, nbdcopyHash, nbdkit, qemuNbd, sha256, tmpDir, type Server } from '../helpers/servers.js';
-import { run, type CliResult } from '../helpers/cli.js';
+import { logLines, nbdcopyHash, qemuNbd } from '../helpers/servers.js';
+import { allocated, dirPerFile, fileHash, serversPerTest } from '../helpers/fixtures.js';
+import { ok, run, type CliResult } from '../helpers/cli.js';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
-let servers: Server[] = [];
-const dir = tmpDir('nbdstream-xpipe-');
-afterEach(async () => {
-  await Promise.allSettled(servers.map((s) => s.stop()));
-  servers = [];
-});
-afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
-
-async function kit(plugin: string, args: string[], o = {}): Promise<Server> {
-  const s = await nbdkit(plugin, args, o);
-  servers.push(s);
-  return s;
-}
-const fileHash = (f: string) => sha256(fs.readFileSync(f));
-const allocated = (f: string) => fs.statSync(f).blocks * 512;
-function ok(r: CliResult): void {
-  expect(r.stderr).toBe('');
-  expect(r.status).toBe(0);
-}
+const { kit, track } = serversPerTest();
+const dir = dirPerFile('nbdstream-xpipe-');
 /** A one-line failure with exit status 1. */
 function failed(r: CliResult, re: RegExp): void {
   expect(r.status).toBe(1);
@@ -225,7 +209,7 @@ describe('--dirty-bitmap (qemu-nbd -B)', () => {
     const before = fileHash(raw);
     changeAfterBitmap(qcow2);
     q = await qemuNbd(qcow2, { format: 'qcow2', readOnly: true, extra: ['-B', 'b0'] });
-    servers.push(q);
+    track(q);
     const dirty = dataExtents(q.uri, 'qemu:dirty-bitmap:b0');
     expect(dirty).toEqual([
       [512 * KiB, 64 * KiB],
@@ -253,7 +237,7 @@ describe('--dirty-bitmap (qemu-nbd -B)', () => {
     await q.stop();
     changeAfterBitmap(qcow2);
     q = await qemuNbd(qcow2, { format: 'qcow2', readOnly: true, extra: ['-B', 'b0'] });
-    servers.push(q);
+    track(q);
     const stream = path.join(dir, 'inc.nbdx');
     ok(await run([], { shell: `"$NBDSTREAM" --dirty-bitmap=b0 '${q.uri}' - --pipe-format=extents | tee '${stream}' | "$NBDSTREAM" - '${raw}'` }));
     expect(fileHash(raw)).toBe(reference(qcow2));
@@ -270,7 +254,7 @@ describe('--dirty-bitmap (qemu-nbd -B)', () => {
     const { qcow2, raw } = prepare('nobitmap');
     fs.writeFileSync(raw, Buffer.alloc(MiB, 0xab));
     const q = await qemuNbd(qcow2, { format: 'qcow2', readOnly: true });
-    servers.push(q);
+    track(q);
     failed(await run(['--dirty-bitmap=b0', q.uri, raw]), /the server does not export dirty bitmap "b0" \(meta context qemu:dirty-bitmap:b0\)\n$/);
     expect(fs.readFileSync(raw).equals(Buffer.alloc(MiB, 0xab))).toBe(true);
     failed(await run(['--dirty-bitmap=b0', raw, path.join(dir, 'y.raw')]), /--dirty-bitmap needs an NBD source/);

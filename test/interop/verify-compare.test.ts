@@ -3,39 +3,23 @@
  * `nbdstream compare` (qemu-img compare's messages and exit codes), --verify (with an nbdkit
  * eval target that really corrupts what it stores), --progress=json and --summary=json.
  */
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { logLines, nbdkit, tmpDir, type NbdkitOptions, type Server } from '../helpers/servers.js';
-import { run, type CliResult } from '../helpers/cli.js';
+import { logLines, type Server } from '../helpers/servers.js';
+import { ok, run, type CliResult } from '../helpers/cli.js';
+import { dirPerFile, serversPerTest } from '../helpers/fixtures.js';
 import { pyBlkhash, pyBlkhashNbd } from '../helpers/blkhash.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
-let servers: Server[] = [];
-const dir = tmpDir('nbdstream-verify-');
-afterEach(async () => {
-  await Promise.allSettled(servers.map((s) => s.stop()));
-  servers = [];
-});
-afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
-
-async function kit(plugin: string, args: string[], o: NbdkitOptions = {}): Promise<Server> {
-  const s = await nbdkit(plugin, args, o);
-  servers.push(s);
-  return s;
-}
+const { kit } = serversPerTest();
+const dir = dirPerFile('nbdstream-verify-');
 
 function cli(args: string[], o: { shell?: string } = {}): Promise<CliResult> {
   return run(args, { ...o, timeoutMs: 60_000 });
-}
-
-function ok(r: CliResult): string {
-  expect(r.stderr).toBe('');
-  expect(r.status).toBe(0);
-  return r.stdout.toString();
 }
 
 /** Exit `status`, nothing on stdout, stderr exactly one line "nbdstream: MESSAGE". */
