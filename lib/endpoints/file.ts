@@ -186,7 +186,7 @@ export class FileEndpoint implements Endpoint {
       }
     }
     this.writesQueued++;
-    const p = this.lastWrite.then(() => (data.length <= SYNC_WRITE_MAX ? this.writeShort(offset, data) : this.writeNow(offset, data))).finally(() => this.writesQueued--);
+    const p = this.lastWrite.then(() => this.writeQueued(offset, data)).finally(() => this.writesQueued--);
     this.lastWrite = p.catch(() => undefined);
     return p;
   }
@@ -213,7 +213,9 @@ export class FileEndpoint implements Endpoint {
     if (this.mode !== 'target') throw readOnlyError(this.name, offset);
   }
 
-  private async writeNow(offset: number, data: Buffer): Promise<void> {
+  /** A write whose turn has come: short ones on this thread, the rest in the thread pool. */
+  private async writeQueued(offset: number, data: Buffer): Promise<void> {
+    if (data.length <= SYNC_WRITE_MAX) return this.writeShort(offset, data);
     this.checkWritable(offset, data.length);
     let done = 0;
     try {

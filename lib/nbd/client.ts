@@ -316,13 +316,10 @@ export class NbdClient {
         : await Promise.all(
             NbdClient.pieces(offset, length, max).map((p) => this.send(NBD_CMD_READ, 0, p.offset, p.length, undefined, data.subarray(p.offset - offset, p.offset - offset + p.length))),
           );
-    const result: ReadResult = { data, holes: rs.length === 1 ? (rs[0].holes ?? []) : rs.flatMap((r) => r.holes ?? []) };
+    const result: ReadResult = { data, holes: rs.flatMap((r) => r.holes ?? []) };
     // a block across two pieces was checked by neither: only aligned cuts keep the promise
     const n = this.copts.zeroBlockSize;
-    if (n && rs.every((r, i) => r.zeroRuns && (i === 0 || r.offset % n === 0))) {
-      const runs = rs.length === 1 ? rs[0].zeroRuns! : rs.flatMap((r) => r.zeroRuns!);
-      result.zeroBlocks = { blockSize: n, runs };
-    }
+    if (n && rs.every((r, i) => !r.zeroUnchecked && (i === 0 || r.offset % n === 0))) result.zeroBlocks = { blockSize: n, runs: rs.flatMap((r) => r.zeroRuns ?? []) };
     return result;
   }
 

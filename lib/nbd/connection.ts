@@ -68,11 +68,10 @@ class Request implements PendingRequest {
   sent = 0;
   holes: Range[] | undefined;
   covered = 0;
-  /**
-   * Reads: the all-zero blocks of the data, while every data part so far was checked for them
-   * as it arrived (the native reader); undefined once a part was not.
-   */
-  zeroRuns: Range[] | undefined = [];
+  /** Reads: some data part was not checked for zero blocks as it arrived (see zeroRuns). */
+  zeroUnchecked = false;
+  /** Reads: the all-zero blocks the native reader found in the data (none: undefined). */
+  zeroRuns: Range[] | undefined;
   error: NbdStreamError | undefined;
   extents: Extent[] | undefined;
   contextId = 0;
@@ -348,8 +347,8 @@ export class NbdConnection implements ReplyHandler {
 
   /** Add a data part's zero-block runs to its read's, or note that the part was not checked. */
   private zeroChecked(r: Request, runs: ZeroRuns | undefined): void {
-    if (!runs) r.zeroRuns = undefined;
-    else if (r.zeroRuns) for (let i = 0; i < runs.length; i += 2) r.zeroRuns.push({ offset: runs[i], length: runs[i + 1] });
+    if (!runs) r.zeroUnchecked = true;
+    else for (let i = 0; i < runs.length; i += 2) (r.zeroRuns ??= []).push({ offset: runs[i], length: runs[i + 1] });
   }
 
   onHole(cookie: number, offset: number, length: number): void {

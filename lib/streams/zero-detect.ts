@@ -7,7 +7,7 @@
  * is split by them without looking at its bytes.
  */
 import { Transform } from 'streamx';
-import type { Chunk } from '../extents.js';
+import type { Chunk, ZeroBlockMap } from '../extents.js';
 import { STAGE_BUFFER, chunkBytes } from './extent-source.js';
 import { shareRelease } from './buffer-pool.js';
 
@@ -25,39 +25,24 @@ export function isZero(buf: Buffer, start: number, end: number): boolean {
 /** Split one data chunk into data/zero chunks at N-aligned zero blocks. */
 export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
   if (c.kind !== 'data' || n <= 0 || c.length < n) return [c];
-  if (c.zeroBlocks?.blockSize === n) return splitByRuns(c, c.zeroBlocks.runs);
-  const data = c.data!;
-  const out: Chunk[] = [];
-  const end = c.offset + c.length;
-  let runStart = c.offset;
-  let runZero = false;
-  const emit = (to: number) => {
-    if (to <= runStart) return;
-    out.push(
-      runZero
-        ? { offset: runStart, length: to - runStart, kind: 'zero' }
-        : { offset: runStart, length: to - runStart, kind: 'data', data: data.subarray(runStart - c.offset, to - c.offset) },
-    );
-    runStart = to;
-  };
-  for (let b = c.offset; b < end; ) {
-    const aligned = b % n === 0;
-    const blockEnd = aligned ? b + n : Math.min(b - (b % n) + n, end);
-    const zero = aligned && blockEnd <= end && isZero(data, b - c.offset, blockEnd - c.offset);
-    const next = Math.min(blockEnd, end);
-    if (zero !== runZero) {
-      emit(b);
-      runZero = zero;
-    }
-    b = next;
-  }
-  emit(end);
-  if (c.release) shareRelease(out, c.release);
-  return out;
+  return splitByRuns(c, c.zeroBlocks?.blockSize === n ? c.zeroBlocks.runs : zeroBlockRuns(c, n));
 }
 
-/** Split a data chunk at known zero runs (in offset order, inside the chunk). */
-function splitByRuns(c: Chunk, runs: Array<{ offset: number; length: number }>): Chunk[] {
+/** The N-aligned whole blocks of a data chunk that are all zero bytes, as merged runs. */
+function zeroBlockRuns(c: Chunk, n: number): ZeroBlockMap['runs'] {
+  const runs: ZeroBlockMap['runs'] = [];
+  const end = c.offset + c.length;
+  for (let b = Math.ceil(c.offset / n) * n; b + n <= end; b += n) {
+    if (!isZero(c.data!, b - c.offset, b + n - c.offset)) continue;
+    const last = runs[runs.length - 1];
+    if (last && last.offset + last.length === b) last.length += n;
+    else runs.push({ offset: b, length: n });
+  }
+  return runs;
+}
+
+/** Split a data chunk at zero runs inside it; runs that touch make one zero chunk. */
+function splitByRuns(c: Chunk, runs: ZeroBlockMap['runs']): Chunk[] {
   if (!runs.length) return [c];
   const sorted = runs.length > 1 ? [...runs].sort((a, b) => a.offset - b.offset) : runs;
   const out: Chunk[] = [];
