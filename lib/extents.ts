@@ -103,6 +103,18 @@ export class ExtentMap {
     return out;
   }
 
+  /**
+   * End of the zero run (not skipped) that covers `offset`, as far as already known; `offset`
+   * itself when none is known there. Never asks the endpoint.
+   */
+  zeroUntil(offset: number): number {
+    for (const r of this.runs) {
+      if (r.offset > offset) break;
+      if (r.offset + r.length > offset) return r.zero && !r.skip ? r.offset + r.length : offset;
+    }
+    return offset;
+  }
+
   private reset(offset: number): void {
     this.runs = [];
     this.known = offset;
@@ -138,7 +150,7 @@ export class ExtentMap {
     }
   }
 
-  private static readonly AHEAD = 8;
+  private static readonly AHEAD = 32;
   private static readonly BIG_SPAN = 1024 * 1024 * 1024;
 
   private fetch(from: number): Promise<void> {

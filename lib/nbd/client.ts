@@ -114,6 +114,7 @@ export class NbdClient {
    * its connection was lost or timed out is sent again on a fresh connection.
    */
   private async send(type: number, flags: number, offset: number, length: number, payload?: Buffer, dest?: Buffer, contextId = 0) {
+    if (this.toJoin && (type === NBD_CMD_READ || type === NBD_CMD_WRITE)) this.join();
     for (let attempt = 0; ; attempt++) {
       const c = this.conn();
       try {
@@ -167,21 +168,29 @@ export class NbdClient {
     const first = await NbdConnection.open(address, copts);
     const client = new NbdClient(address, endpoint, [first], copts, options.retries ?? 0);
     const want = Math.max(1, options.connections ?? 1);
-    if (want > 1 && first.info.flags & NBD_FLAG_CAN_MULTI_CONN) client.join(want - 1);
+    if (want > 1 && first.info.flags & NBD_FLAG_CAN_MULTI_CONN) client.toJoin = want - 1;
     return client;
   }
 
+  /**
+   * Extra multi-conn connections not opened yet. They are opened with the first read or write
+   * (or joined()): metadata-only work, such as copying an all-hole image, never needs them, and
+   * each handshake costs the server work (nbdkit's file plugin probes the file).
+   */
+  private toJoin = 0;
   private joining: Promise<void> = Promise.resolve();
   /** Why an extra multi-conn connection was not added (it failed or disagreed with the first). */
   joinError?: NbdStreamError;
 
   /**
-   * Open COUNT more connections in the background; each serves requests from the moment its
+   * Open the extra connections in the background; each serves requests from the moment its
    * handshake completes (servers may spend tens of ms per handshake, e.g. nbdkit's file plugin
    * probing SEEK_HOLE). One that fails or disagrees with the first is dropped: the export stays
    * usable on the connections it has, and `joinError` says why.
    */
-  private join(count: number): void {
+  private join(): void {
+    const count = this.toJoin;
+    this.toJoin = 0;
     const first = this.conns[0];
     const add = async (): Promise<void> => {
       let c: NbdConnection;
@@ -202,6 +211,7 @@ export class NbdClient {
 
   /** Resolves with the number of connections once every extra multi-conn connection has joined or failed. */
   async joined(): Promise<number> {
+    if (this.toJoin) this.join();
     await this.joining;
     return this.conns.length;
   }

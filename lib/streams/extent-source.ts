@@ -100,7 +100,7 @@ export class ExtentSource extends Readable {
     this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
     this.stats = options.stats ?? newStats();
     this.plan = src.chunks ? this.planChunks(src.chunks()) : src.size === undefined ? this.planStream() : this.planRanges(src.size);
-    this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? DEFAULT_READ_SIZE, src.capabilities.maxRequest, this.queueSize));
+    this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? (Number(process.env.NBDSTREAM_RS) || DEFAULT_READ_SIZE), src.capabilities.maxRequest, this.queueSize));
     this.pool = new BufferPool(this.readSize);
   }
 
@@ -108,6 +108,7 @@ export class ExtentSource extends Readable {
   private async *planRanges(size: number): AsyncGenerator<Piece> {
     const rs = this.requestSize;
     const map = new ExtentMap(this.src, size);
+    let counted = 0;
     // A zero run may continue across work ranges (the sink still cuts zero requests at them).
     let zeroStart = -1;
     let zeroEnd = -1;
@@ -115,13 +116,14 @@ export class ExtentSource extends Readable {
       const we = Math.min(ws + WORK_RANGE, size);
       let runs: ExtentRun[] = [{ offset: ws, length: we - ws, zero: false }];
       if (this.useExtents) {
-        const before = map.requests;
         try {
           runs = await map.get(ws, we - ws);
         } catch {
           this.stats.extentErrors++;
         }
-        this.stats.requests.extents += map.requests - before;
+        // requests asked ahead between walks count too
+        this.stats.requests.extents += map.requests - counted;
+        counted = map.requests;
       }
       let dataStart = -1;
       let dataEnd = -1;
@@ -177,6 +179,14 @@ export class ExtentSource extends Readable {
         p = pe;
       }
       if (dataStart >= 0) yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
+      // whole work ranges inside a known zero run join the pending zero run without a walk each
+      if (zeroStart >= 0 && zeroEnd === we) {
+        const skipTo = Math.min(size, we + Math.floor((map.zeroUntil(we) - we) / WORK_RANGE) * WORK_RANGE);
+        if (skipTo > we) {
+          zeroEnd = skipTo;
+          ws = skipTo - WORK_RANGE;
+        }
+      }
     }
     if (zeroStart >= 0) yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
   }

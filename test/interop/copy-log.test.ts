@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { logLines, nbdkit, type Server } from '../helpers/servers.js';
 import { serversPerTest } from '../helpers/fixtures.js';
-import { run } from '../helpers/cli.js';
+import { ok, run } from '../helpers/cli.js';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
@@ -110,6 +110,29 @@ describe('request logs on the target', () => {
     );
     expect(logLines(dst.logFile!, ['Zero'])).toEqual([]);
     expect(logLines(src.logFile!, ['Extents'])).toEqual([]);
+  });
+
+  it('an all-hole source costs block status only: one connection, the export tiled by the largest requests NBD allows', async () => {
+    const TiB = 2 ** 40;
+    const src = await kit('data', ['', `size=${TiB}`], { readOnly: true, log: true });
+    ok(await run([src.uri, 'null:']));
+    const log = fs.readFileSync(src.logFile!, 'utf8');
+    expect(log.match(/connection=\d+ Connect /g)).toHaveLength(1);
+    expect(logLines(src.logFile!, ['Read', 'Write', 'Zero', 'Trim'])).toEqual([]);
+    // 32-bit lengths, kept 64 KiB-aligned: 4 GiB - 64 KiB per request
+    const max = 0xffff0000;
+    const asked = logLines(src.logFile!, ['Extents'])
+      .filter((l) => l.includes('count='))
+      .map((l) => /offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/.exec(l)!.slice(1).map(Number))
+      .sort((a, b) => a[0] - b[0]);
+    expect(asked).toEqual(Array.from({ length: Math.ceil(TiB / max) }, (_, i) => [i * max, Math.min(max, TiB - i * max)]));
+  });
+
+  it('extra multi-conn connections open once there is data to read', async () => {
+    const src = await kit('data', ['1', `size=${GiB}`], { readOnly: true, log: true });
+    ok(await run([src.uri, 'null:']));
+    expect(fs.readFileSync(src.logFile!, 'utf8').match(/connection=\d+ Connect /g)).toHaveLength(4);
+    expect(logLines(src.logFile!, ['Read']).filter((l) => l.includes('count='))).toHaveLength(1);
   });
 
   it('-S turns zero blocks inside read pieces into zero requests', async () => {
