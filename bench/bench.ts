@@ -130,6 +130,13 @@ const cases: Case[] = [
     nbdcopy: `nbdcopy -- ${dense} [ nbdkit memory 2G ]`,
   },
   {
+    name: 'dense 2G NBD → NBD (nbdkit memory)',
+    server: ['file', dense],
+    bytes: 2 * GiB,
+    nbdstream: `${cli} -- "$uri" [ nbdkit memory 2G ]`,
+    nbdcopy: 'nbdcopy -- "$uri" [ nbdkit memory 2G ]',
+  },
+  {
     name: '1T hole (nbdkit file) → null:',
     server: ['file', hole],
     bytes: TiB,

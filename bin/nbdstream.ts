@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import yargs from 'yargs';
 import { copy, checkRequestSize, type CopySummary } from '../lib/copy.js';
 import { NbdStreamError } from '../lib/errors.js';
-import { DEFAULT_QUEUE_SIZE } from '../lib/streams/extent-source.js';
+import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE } from '../lib/streams/extent-source.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
@@ -154,9 +154,9 @@ async function main(): Promise<void> {
   const spec = (s: string): EndpointSpec => (s.startsWith('\u0000cmd') ? commands[Number(s.slice(4))] : s);
   const [src, dst] = positional.map(spec);
 
-  const requestSize = argv['request-size'] !== undefined ? parseSize('request-size', argv['request-size']) : 256 * 1024;
+  const requestSize = argv['request-size'] !== undefined ? parseSize('request-size', argv['request-size']) : undefined;
   try {
-    checkRequestSize(requestSize);
+    if (requestSize !== undefined) checkRequestSize(requestSize);
   } catch (err) {
     fail((err as Error).message);
   }
@@ -254,7 +254,7 @@ async function main(): Promise<void> {
             process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
             if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
             process.stderr.write(
-              `nbdstream: request-size=${requestSize} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
+              `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
             );
           }
         : undefined,

@@ -9,7 +9,7 @@ import { pipelinePromise } from 'streamx';
 import { NbdStreamError, asNbdStreamError } from './errors.js';
 import { openEndpoint, type EndpointSpec } from './endpoints/open.js';
 import type { Endpoint } from './endpoints/endpoint.js';
-import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE, ExtentSource } from './streams/extent-source.js';
+import { DEFAULT_QUEUE_SIZE, DEFAULT_READ_SIZE, DEFAULT_REQUEST_SIZE, ExtentSource } from './streams/extent-source.js';
 import { Sink } from './streams/sink.js';
 import { newStats, type CopyStats } from './streams/stats.js';
 import { ZeroDetect } from './streams/zero-detect.js';
@@ -18,7 +18,11 @@ import { ProgressTracker, type CopyProgress } from './progress.js';
 import { checkVerifiable, verifyCopy } from './verify.js';
 
 export interface CopyOptions {
-  /** Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). */
+  /**
+   * Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). Given, it also caps every
+   * request (nbdcopy's --request-size); by default consecutive data pieces are read together
+   * in requests of up to 4 MiB.
+   */
   requestSize?: number;
   /** Requests in flight per connection (default 64). */
   requests?: number;
@@ -117,7 +121,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     // --queue-size bounds the copy's read buffers from the read until the sink has written
     // them (reads in flight, data on its way, writes in flight): a fast target leaves it all
     // to reads, a slow one holds more in writes
-    const source = new ExtentSource(s, { requestSize, requests, queueSize, extents: !options.noExtents, stats });
+    const source = new ExtentSource(s, { requestSize, readSize: options.requestSize ?? DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats });
     const total = s.size;
     const onProgress = options.onProgress;
     const tracker = onProgress ? new ProgressTracker(stats, total, options.verify ?? false, (p) => onProgress(p.bytes_done, p.bytes_total ?? undefined, p)) : undefined;
@@ -140,7 +144,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     let verified: boolean | undefined;
     if (options.verify) {
       tracker?.startVerify(size);
-      await verifyCopy(s, d, size, blkhash!, { requestSize, requests, queueSize, onProgress: tracker ? (n) => tracker.verified(n) : undefined });
+      await verifyCopy(s, d, size, blkhash!, { requestSize: options.requestSize, requests, queueSize, onProgress: tracker ? (n) => tracker.verified(n) : undefined });
       verified = true;
     }
     const elapsed = Number(process.hrtime.bigint() - started) / 1e9;

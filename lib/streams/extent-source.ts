@@ -33,8 +33,10 @@ export interface ExtentSourceOptions {
   /** Bytes of reads in flight (default 16 MiB). */
   queueSize?: number;
   /**
-   * Largest read (default 2 MiB): consecutive data pieces are fetched in one request of up to
-   * this size and emitted as one chunk (the sink still writes them piece by piece).
+   * Largest read: consecutive data pieces are fetched in one request of up to this size and
+   * emitted as one chunk (the sink still writes them piece by piece). Default 4 MiB, or
+   * requestSize when that is given: an explicit request size caps requests on the wire, as
+   * nbdcopy's --request-size does.
    */
   readSize?: number;
   /** Use extent information (default true); false reads everything (--no-extents). */
@@ -100,7 +102,7 @@ export class ExtentSource extends Readable {
     this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
     this.stats = options.stats ?? newStats();
     this.plan = src.chunks ? this.planChunks(src.chunks()) : src.size === undefined ? this.planStream() : this.planRanges(src.size);
-    this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? (Number(process.env.NBDSTREAM_RS) || DEFAULT_READ_SIZE), src.capabilities.maxRequest, this.queueSize));
+    this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? (options.requestSize ?? DEFAULT_READ_SIZE), src.capabilities.maxRequest, this.queueSize));
     this.pool = new BufferPool(this.readSize);
   }
 

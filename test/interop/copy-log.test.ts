@@ -135,6 +135,20 @@ describe('request logs on the target', () => {
     expect(logLines(src.logFile!, ['Read']).filter((l) => l.includes('count='))).toHaveLength(1);
   });
 
+  it('--request-size caps every read (as nbdcopy); without it consecutive data pieces are read 4 MiB at a time', async () => {
+    const reads = async (args: string[]) => {
+      const src = await kit('pattern', [`${16 * MiB}`], { readOnly: true, log: true });
+      ok(await run([...args, src.uri, 'null:']));
+      return logLines(src.logFile!, ['Read'])
+        .filter((l) => l.includes('count='))
+        .map((l) => /offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/.exec(l)!.slice(1).map(Number))
+        .sort((a, b) => a[0] - b[0]);
+    };
+    const tiles = (n: number) => Array.from({ length: (16 * MiB) / n }, (_, i) => [i * n, n]);
+    expect(await reads(['--request-size=256K'])).toEqual(tiles(256 * 1024));
+    expect(await reads([])).toEqual(tiles(4 * MiB));
+  });
+
   it('-S turns zero blocks inside read pieces into zero requests', async () => {
     // 1 MiB of data extent whose second half is zero bytes
     const src = await kit('data', ['1 @524287 1', `size=${MiB}`], { readOnly: true, filters: ['noextents'] });
