@@ -171,7 +171,12 @@ export class ExtentSource extends Readable {
           yield { kind: 'zero', offset: zeroStart, length: zeroEnd - zeroStart };
           zeroStart = -1;
         }
-        // consecutive data pieces are read together (up to readSize); the sink writes them piece by piece
+        // consecutive data pieces are read together (never more than readSize: pieces cut at
+        // skipped runs are shorter); the sink writes them piece by piece
+        if (dataStart >= 0 && pe - dataStart > this.readSize) {
+          yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
+          dataStart = -1;
+        }
         if (dataStart < 0) dataStart = p;
         dataEnd = pe;
         if (dataEnd - dataStart >= this.readSize) {

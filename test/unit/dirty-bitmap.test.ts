@@ -82,7 +82,21 @@ class PartialEndpoint extends MemoryEndpoint {
 }
 
 describe('ExtentSource with skip runs', () => {
-  it('emits nothing inside clean ranges, cuts pieces at their edges, and the sink leaves them alone', async () => {
+  const merged = [
+    'data 0K+100K', // the first piece ends where the clean range starts
+    'data 300K+724K', // resumes at 300K; 300K-512K, then whole pieces up to the zero run
+    'zero 1024K+512K', // the zero run ends at the clean range
+    'zero 1792K+256K', // and resumes after it
+    'data 2048K+1024K',
+  ];
+  // reads capped at the request size: the piece cut short at 300K is read alone, not with the next
+  const capped = ['data 0K+100K', 'data 300K+212K', 'data 512K+256K', 'data 768K+256K', 'zero 1024K+512K', 'zero 1792K+256K'].concat(
+    [2048, 2304, 2560, 2816].map((k) => `data ${k}K+256K`),
+  );
+  it.each([
+    { readSize: 4 * MiB, want: merged },
+    { readSize: undefined, want: capped },
+  ])('emits nothing inside clean ranges, cuts pieces at their edges, and the sink leaves them alone (readSize $readSize)', async ({ readSize, want }) => {
     const size = 4 * MiB;
     const src = Buffer.alloc(size);
     for (let i = 0; i < size; i += 512) src[i] = 1 + ((i / 512) % 250);
@@ -96,7 +110,7 @@ describe('ExtentSource with skip runs', () => {
     ];
     const ep = new PartialEndpoint(src, zeroes, clean);
     const chunks: Chunk[] = [];
-    const source = new ExtentSource(ep, { requestSize: 256 * KiB });
+    const source = new ExtentSource(ep, { requestSize: 256 * KiB, readSize });
     source.on('data', (c: Chunk) => chunks.push({ offset: c.offset, length: c.length, kind: c.kind }));
     const dst = new MemoryEndpoint(Buffer.alloc(size, 0xee), 'dst');
     // tee the chunks to the sink through ZeroDetect (0: off, so the chunks are what the source emitted)
@@ -104,13 +118,7 @@ describe('ExtentSource with skip runs', () => {
 
     const inClean = (o: number, n: number) => clean.some((c) => o < c.offset + c.length && o + n > c.offset);
     expect(chunks.every((c) => !inClean(c.offset, c.length))).toBe(true);
-    expect(chunks.map((c) => `${c.kind} ${c.offset / KiB}K+${c.length / KiB}K`)).toEqual([
-      'data 0K+100K', // the first piece ends where the clean range starts
-      'data 300K+724K', // resumes at 300K; 300K-512K, then whole pieces up to the zero run
-      'zero 1024K+512K', // the zero run ends at the clean range
-      'zero 1792K+256K', // and resumes after it
-      'data 2048K+1024K',
-    ]);
+    expect(chunks.map((c) => `${c.kind} ${c.offset / KiB}K+${c.length / KiB}K`)).toEqual(want);
     // what was copied is the source; what was skipped is as it was
     for (let o = 0; o < size; o += 4 * KiB) {
       const want = inClean(o, 4 * KiB) ? Buffer.alloc(4 * KiB, 0xee) : src.subarray(o, o + 4 * KiB);
