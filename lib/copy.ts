@@ -19,9 +19,9 @@ import { checkVerifiable, verifyCopy } from './verify.js';
 
 export interface CopyOptions {
   /**
-   * Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). Given, it also caps every
-   * request (nbdcopy's --request-size); by default consecutive data pieces are read together
-   * in requests of up to 4 MiB.
+   * Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). Consecutive data pieces are
+   * read together, up to 4 MiB at a time; given, it also caps every NBD request on the wire
+   * (nbdcopy's --request-size): a longer read goes out as several, settled together.
    */
   requestSize?: number;
   /** Requests in flight per connection (default 64). */
@@ -98,7 +98,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const connections = sync ? 1 : options.connections ?? 4;
   const allocated = options.allocated ?? false;
   const sparse = allocated ? 0 : options.sparse ?? 4096;
-  const openOpts = { connections, requests, queueSize, timeout: options.timeout, retries: options.retries };
+  const openOpts = { connections, requests, queueSize, readRequestSize: options.requestSize, timeout: options.timeout, retries: options.retries };
   const hashSpec = (options.blkhash !== undefined && options.blkhash !== false) || options.verify ? blkhashSpec(options.blkhash) : undefined;
 
   const opened: Endpoint[] = [];
@@ -121,7 +121,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     // --queue-size bounds the copy's read buffers from the read until the sink has written
     // them (reads in flight, data on its way, writes in flight): a fast target leaves it all
     // to reads, a slow one holds more in writes
-    const source = new ExtentSource(s, { requestSize, readSize: options.requestSize ?? DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats });
+    const source = new ExtentSource(s, { requestSize, readSize: DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats });
     const total = s.size;
     const onProgress = options.onProgress;
     const tracker = onProgress ? new ProgressTracker(stats, total, options.verify ?? false, (p) => onProgress(p.bytes_done, p.bytes_total ?? undefined, p)) : undefined;

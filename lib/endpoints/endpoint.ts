@@ -112,6 +112,11 @@ export interface OpenOptions {
   requests?: number;
   /** NBD: bytes in flight per connection. */
   queueSize?: number;
+  /**
+   * NBD: largest NBD_CMD_READ on the wire (--request-size); longer reads go out as several
+   * requests, settled together. Default: the server's maximum payload.
+   */
+  readRequestSize?: number;
   /** NBD: seconds a request may wait for its reply (default: no limit). */
   timeout?: number;
   /** NBD: reconnect and resend a request up to this many times after a lost connection. */

@@ -137,6 +137,7 @@ export async function openNbd(uri: string, opts: OpenOptions = {}, name?: string
     connections: opts.connections ?? 4,
     maxRequests: opts.requests ?? 64,
     maxBytesInFlight: opts.queueSize,
+    readRequestSize: opts.readRequestSize,
     timeout: opts.timeout,
     retries: opts.retries,
     zeroBlockSize: opts.zeroBlockSize,

@@ -102,7 +102,7 @@ export class NbdConnection implements ReplyHandler {
   private nextCookie = 1;
   private inFlight = 0;
   private inFlightBytes = 0;
-  private readonly waiters: Array<{ cost: number; go: () => void; fail: (e: NbdStreamError) => void }> = [];
+  private readonly waiters: Array<{ cost: number; count: number; go: () => void; fail: (e: NbdStreamError) => void }> = [];
   private idleWaiters: Array<() => void> = [];
   private failure: NbdStreamError | undefined;
   private closing = false;
@@ -424,9 +424,9 @@ export class NbdConnection implements ReplyHandler {
   }
 
   private wake(): void {
-    while (this.waiters.length && this.fits(this.waiters[0].cost)) {
+    while (this.waiters.length && this.fits(this.waiters[0].cost, this.waiters[0].count)) {
       const w = this.waiters.shift()!;
-      this.reserve(w.cost);
+      this.reserve(w.cost, w.count);
       w.go();
     }
     if (this.inFlight === 0 && this.waiters.length === 0) {
@@ -436,12 +436,13 @@ export class NbdConnection implements ReplyHandler {
     }
   }
 
-  private fits(cost: number): boolean {
-    return this.inFlight < this.opts.maxRequests && (this.inFlight === 0 || this.inFlightBytes + cost <= this.opts.maxBytesInFlight);
+  /** Whether `count` requests of `cost` bytes together may go now (an idle connection takes anything). */
+  private fits(cost: number, count = 1): boolean {
+    return this.inFlight === 0 || (this.inFlight + count <= this.opts.maxRequests && this.inFlightBytes + cost <= this.opts.maxBytesInFlight);
   }
 
-  private reserve(cost: number): void {
-    this.inFlight++;
+  private reserve(cost: number, count = 1): void {
+    this.inFlight += count;
     this.inFlightBytes += cost;
   }
 
@@ -456,33 +457,78 @@ export class NbdConnection implements ReplyHandler {
    */
   async request(type: number, flags: number, offset: number, length: number, payload?: Buffer, dest?: Buffer, contextId = 0): Promise<Request> {
     const cost = type === NBD_CMD_READ || type === NBD_CMD_WRITE ? length : 0;
+    await this.admit(cost, 1, offset);
+    return new Promise<Request>((resolve, reject) => {
+      const r = this.send(type, flags, offset, length, cost, dest, resolve, reject);
+      r.contextId = contextId;
+      if (payload) this.socket.write(payload);
+    });
+  }
+
+  /**
+   * NBD_CMD_READ of each range into its `dest` (as long as the range), sent together and
+   * settled together: one promise for a long read cut into request-size pieces. Resolves with
+   * the pieces' requests in order once all are answered; rejects with the first error once
+   * none is still being received (the buffers are free again either way).
+   */
+  async requestReads(ranges: Array<{ offset: number; length: number; dest: Buffer }>): Promise<Request[]> {
+    const cost = ranges.reduce((n, p) => n + p.length, 0);
+    await this.admit(cost, ranges.length, ranges[0].offset);
+    return new Promise<Request[]>((resolve, reject) => {
+      let left = ranges.length;
+      let error: NbdStreamError | undefined;
+      const done = () => {
+        if (--left) return;
+        if (error) reject(error);
+        else resolve(reqs);
+      };
+      const failed = (e: NbdStreamError) => {
+        error ??= e;
+        done();
+      };
+      const reqs = ranges.map((p) => this.send(NBD_CMD_READ, 0, p.offset, p.length, p.length, p.dest, done, failed));
+    });
+  }
+
+  /** Wait until `count` requests of `cost` bytes may be sent (they are then reserved). */
+  private async admit(cost: number, count: number, offset: number): Promise<void> {
     if (this.failure) throw this.failure;
     if (this.closing) throw new NbdStreamError('ERR_CLOSED', 'connection is closing', { endpoint: this.opts.endpoint, offset });
-    if (this.waiters.length || !this.fits(cost)) {
-      await new Promise<void>((go, fail) => this.waiters.push({ cost, go, fail }));
-    } else this.reserve(cost);
+    if (this.waiters.length || !this.fits(cost, count)) {
+      await new Promise<void>((go, fail) => this.waiters.push({ cost, count, go, fail }));
+    } else this.reserve(cost, count);
     if (this.failure) {
-      this.inFlight--;
+      this.inFlight -= count;
       this.inFlightBytes -= cost;
       throw this.failure;
     }
+  }
+
+  /** Send one admitted request (its payload, if any, is the caller's to write next). */
+  private send(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    cost: number,
+    dest: Buffer | undefined,
+    resolve: (r: Request) => void,
+    reject: (e: NbdStreamError) => void,
+  ): Request {
     const cookie = this.nextCookie;
     this.nextCookie = this.nextCookie === 0xffffffff ? 1 : this.nextCookie + 1;
-    return new Promise<Request>((resolve, reject) => {
-      const r = new Request(cookie, type, offset, length, cost, dest, resolve, reject);
-      r.contextId = contextId;
-      if (this.timeoutTimer) r.sent = Date.now();
-      this.pending.set(cookie, r);
-      if (this.nativeReader && type === NBD_CMD_READ && dest && length > 0) native!.readerExpect(this.nativeReader, cookie, dest.length === length ? dest : dest.subarray(0, length), offset, this.opts.zeroBlockSize ?? 0);
-      // Requests made in the same tick go out in one writev (fewer syscalls and server wakeups).
-      if (!this.corked) {
-        this.corked = true;
-        this.socket.cork();
-        process.nextTick(this.uncork);
-      }
-      this.socket.write(encodeRequest(flags, type, cookie, offset, length));
-      if (payload) this.socket.write(payload);
-    });
+    const r = new Request(cookie, type, offset, length, cost, dest, resolve, reject);
+    if (this.timeoutTimer) r.sent = Date.now();
+    this.pending.set(cookie, r);
+    if (this.nativeReader && type === NBD_CMD_READ && dest && length > 0) native!.readerExpect(this.nativeReader, cookie, dest.length === length ? dest : dest.subarray(0, length), offset, this.opts.zeroBlockSize ?? 0);
+    // Requests made in the same tick go out in one writev (fewer syscalls and server wakeups).
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.socket.write(encodeRequest(flags, type, cookie, offset, length));
+    return r;
   }
 
   /** Fail everything pending and tear the socket down (idempotent). */

@@ -118,6 +118,33 @@ describe('NbdClient against nbdkit', () => {
     expect(reads.map((l) => /count=(0x[0-9a-f]+)/.exec(l)![1])).toEqual(['0x2000000', '0x2000000', '0x1000000']);
   });
 
+  it('cuts a long read into readRequestSize requests, sent together and settled as one', async () => {
+    const s = await start('pattern', ['64M'], { log: true });
+    const c = await connect(s.uri, { readRequestSize: 256 * 1024, zeroBlockSize: 4096 });
+    const r = await c.pread(8 << 20, 4 << 20);
+    const expected = Buffer.alloc(4 << 20);
+    for (let i = 0; i < expected.length; i += 8) expected.writeBigUInt64BE(BigInt((8 << 20) + i), i);
+    expect(r.data.equals(expected)).toBe(true);
+    // every piece was checked as it arrived (cut on block boundaries): no zero blocks in the pattern
+    expect(c.receiver).toBe('native');
+    expect(r.zeroBlocks).toEqual({ blockSize: 4096, runs: [] });
+    await c.close();
+    const reads = logLines(s.logFile!, ['Read']).filter((l) => l.includes('count='));
+    expect(reads.map((l) => /offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/.exec(l)!.slice(1).map(Number)).sort((a, b) => a[0] - b[0])).toEqual(
+      Array.from({ length: 16 }, (_, i) => [(8 << 20) + i * 262144, 262144]),
+    );
+  });
+
+  it('fails a cut read with the error of the piece that failed; the connection survives', async () => {
+    const s = await start('eval', [
+      'get_size=echo 4194304',
+      'pread=if [ $4 -eq 1048576 ]; then echo "EIO bad sector" >&2; exit 1; fi; dd if=/dev/zero count=$3 iflag=count_bytes status=none',
+    ]);
+    const c = await connect(s.uri, { readRequestSize: 256 * 1024 });
+    await expect(c.pread(0, 4 << 20)).rejects.toMatchObject({ code: 'ERR_SERVER', nbdError: 'EIO', command: 'NBD_CMD_READ', offset: 1048576 });
+    expect((await c.pread(2 << 20, 1 << 20)).data.equals(Buffer.alloc(1 << 20))).toBe(true);
+  });
+
   it('opens only one connection when the server does not allow multi-conn', async () => {
     const s = await start('memory', ['1M'], { filters: ['multi-conn'], log: true, options: [] });
     // multi-conn filter default mode advertises it only when safe; force it off:
