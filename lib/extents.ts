@@ -131,6 +131,8 @@ export class ExtentMap {
       this.ahead.delete(from);
       return early;
     }
+    // guesses for spans the walk has passed (an answer covered less than asked) are dropped
+    for (const o of this.ahead.keys()) if (o < from) this.ahead.delete(o);
     this.requests++;
     return this.ep.extents(from, Math.min(this.size - from, this.maxSpan));
   }
@@ -141,6 +143,8 @@ export class ExtentMap {
    * requests share one write and their round trips overlap.
    */
   private askAhead(end: number, stride: number): void {
+    // top the window up only once half of it has been used: the new requests then share a write
+    if (this.ahead.size > ExtentMap.AHEAD / 2) return;
     for (let i = 0, o = end; i < ExtentMap.AHEAD && o < this.size; i++, o += stride) {
       if (this.ahead.has(o)) continue;
       this.requests++;
