@@ -339,10 +339,15 @@ export class NbdClient {
     if (data.length < length) throw new RangeError(`pread: buffer of ${into!.length} bytes is smaller than ${length}`);
     if (length === 0) return { data, holes: [] };
     const max = Math.min(this.maxPayload, this.readRequestSize);
-    const rs =
-      length <= max
-        ? [await this.send(NBD_CMD_READ, 0, offset, length, undefined, data)]
-        : await this.sendReads(NbdClient.pieces(offset, length, max).map((p) => ({ ...p, dest: data.subarray(p.offset - offset, p.offset - offset + p.length) })));
+    let rs;
+    if (length <= max) rs = [await this.send(NBD_CMD_READ, 0, offset, length, undefined, data)];
+    else {
+      // in groups no larger than the requests allowed in flight (-R 1 reads one piece at a time)
+      const ranges = NbdClient.pieces(offset, length, max).map((p) => ({ ...p, dest: data.subarray(p.offset - offset, p.offset - offset + p.length) }));
+      const group = this.copts.maxRequests;
+      rs = [];
+      for (let i = 0; i < ranges.length; i += group) rs.push(...(await this.sendReads(ranges.slice(i, i + group))));
+    }
     const result: ReadResult = { data, holes: rs.flatMap((r) => r.holes ?? []) };
     // a block across two pieces was checked by neither: only aligned cuts keep the promise
     const n = this.copts.zeroBlockSize;

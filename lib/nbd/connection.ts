@@ -436,9 +436,9 @@ export class NbdConnection implements ReplyHandler {
     }
   }
 
-  /** Whether `count` requests of `cost` bytes together may go now (an idle connection takes anything). */
+  /** Whether `count` requests of `cost` bytes together may go now (the byte bound gives way on an idle connection). */
   private fits(cost: number, count = 1): boolean {
-    return this.inFlight === 0 || (this.inFlight + count <= this.opts.maxRequests && this.inFlightBytes + cost <= this.opts.maxBytesInFlight);
+    return this.inFlight + count <= this.opts.maxRequests && (this.inFlight === 0 || this.inFlightBytes + cost <= this.opts.maxBytesInFlight);
   }
 
   private reserve(cost: number, count = 1): void {
@@ -472,6 +472,7 @@ export class NbdConnection implements ReplyHandler {
    * none is still being received (the buffers are free again either way).
    */
   async requestReads(ranges: Array<{ offset: number; length: number; dest: Buffer }>): Promise<Request[]> {
+    if (ranges.length > this.opts.maxRequests) throw new RangeError(`requestReads: ${ranges.length} reads, more than the ${this.opts.maxRequests} allowed in flight`);
     const cost = ranges.reduce((n, p) => n + p.length, 0);
     await this.admit(cost, ranges.length, ranges[0].offset);
     return new Promise<Request[]>((resolve, reject) => {

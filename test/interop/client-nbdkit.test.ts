@@ -135,6 +135,16 @@ describe('NbdClient against nbdkit', () => {
     );
   });
 
+  it('sends the pieces of a cut read no faster than maxRequests allows (one at a time with 1)', async () => {
+    const s = await start('pattern', ['4M'], { log: true });
+    const c = await connect(s.uri, { readRequestSize: 256 * 1024, maxRequests: 1 });
+    await c.pread(0, 1 << 20);
+    await c.close();
+    // the log in order: each piece asked only after the previous one was answered
+    const lines = logLines(s.logFile!, ['Read']).map((l) => (l.includes('return=') ? 'answered' : /offset=(0x[0-9a-f]+)/.exec(l)![1]));
+    expect(lines).toEqual(['0x0', 'answered', '0x40000', 'answered', '0x80000', 'answered', '0xc0000', 'answered']);
+  });
+
   it('fails a cut read with the error of the piece that failed; the connection survives', async () => {
     const s = await start('eval', [
       'get_size=echo 4194304',
