@@ -14,8 +14,8 @@
  *  - Every I/O failure is an NbdStreamError('ERR_IO', '<op> failed: <CODE> <text>') with the path
  *    and the request offset; messages are one line.
  */
-import { constants as fsConstants, writeSync } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
+import * as fs from 'node:fs';
+import { promisify } from 'node:util';
 import { nodeFsPromises } from '../builtins.js';
 import { NbdStreamError } from '../errors.js';
 import { blkGetSize64, blkZeroOut, fileExtents, isNotSupported, native, punchHole, zeroRange } from '../native.js';
@@ -85,11 +85,20 @@ function blockSizeOf(blksize: number): number {
 
 export type FileKind = 'file' | 'block';
 
+// fd-based calls: node:fs/promises (FileHandle) costs about 5 ms of start-up to load
+const fsStat = promisify(fs.stat);
+const fsOpen = promisify(fs.open);
+const fsFstat = (fd: number) => promisify(fs.fstat)(fd, { bigint: true });
+const fsFtruncate = promisify(fs.ftruncate);
+const fsRead = promisify(fs.read);
+const fsWrite = promisify(fs.write);
+const fsFsync = promisify(fs.fsync);
+const fsClose = promisify(fs.close);
+
 export class FileEndpoint implements Endpoint {
   readonly name: string;
   readonly kind: FileKind;
   readonly capabilities: Capabilities;
-  private readonly fh: FileHandle;
   private readonly fd: number;
   private readonly mode: OpenMode;
   private _size: number | undefined;
@@ -100,9 +109,8 @@ export class FileEndpoint implements Endpoint {
   private blkZeroOutUnsupported = false;
   private closing: Promise<void> | undefined;
 
-  constructor(fh: FileHandle, name: string, mode: OpenMode, kind: FileKind, size: number | undefined, blksize: number, zeroInitialised: boolean) {
-    this.fh = fh;
-    this.fd = fh.fd;
+  constructor(fd: number, name: string, mode: OpenMode, kind: FileKind, size: number | undefined, blksize: number, zeroInitialised: boolean) {
+    this.fd = fd;
     this.name = name;
     this.mode = mode;
     this.kind = kind;
@@ -156,7 +164,7 @@ export class FileEndpoint implements Endpoint {
     let got = 0;
     try {
       while (got < length) {
-        const { bytesRead } = await this.fh.read(buf, got, length - got, offset + got);
+        const { bytesRead } = await fsRead(this.fd, buf, got, length - got, offset + got);
         if (bytesRead === 0) break; // EOF
         got += bytesRead;
       }
@@ -197,7 +205,7 @@ export class FileEndpoint implements Endpoint {
     let done = 0;
     try {
       while (done < data.length) {
-        const n = writeSync(this.fd, data, done, data.length - done, offset + done);
+        const n = fs.writeSync(this.fd, data, done, data.length - done, offset + done);
         if (n === 0) throw Object.assign(new Error('ENOSPC: no space left on device (0 bytes written)'), { code: 'ENOSPC' });
         done += n;
       }
@@ -220,7 +228,7 @@ export class FileEndpoint implements Endpoint {
     let done = 0;
     try {
       while (done < data.length) {
-        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+        const { bytesWritten } = await fsWrite(this.fd, data, done, data.length - done, offset + done);
         if (bytesWritten === 0) throw Object.assign(new Error('ENOSPC: no space left on device (0 bytes written)'), { code: 'ENOSPC' });
         done += bytesWritten;
       }
@@ -287,14 +295,14 @@ export class FileEndpoint implements Endpoint {
     this.checkOpen();
     if (this.mode !== 'target') return;
     try {
-      await this.fh.sync();
+      await fsFsync(this.fd);
     } catch (err) {
       throw ioError('flush', err, this.name);
     }
   }
 
   close(): Promise<void> {
-    this.closing ??= this.fh.close().catch((err: unknown) => {
+    this.closing ??= fsClose(this.fd).catch((err: unknown) => {
       throw ioError('close', err, this.name);
     });
     return this.closing;
@@ -324,7 +332,7 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
   // Look first so that a FIFO is never opened here (open() on a FIFO blocks for the peer).
   let exists = true;
   try {
-    const st = await nodeFsPromises().stat(path);
+    const st = await fsStat(path);
     if (st.isFIFO() || st.isCharacterDevice() || st.isSocket()) {
       throw new NbdStreamError('ERR_USAGE', 'not a regular file or block device (use it as a pipe)', { endpoint: path });
     }
@@ -336,52 +344,52 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
     exists = false;
   }
 
-  const flags = mode === 'source' ? fsConstants.O_RDONLY : fsConstants.O_RDWR | (exists ? 0 : fsConstants.O_CREAT);
-  let fh: FileHandle;
+  const flags = mode === 'source' ? fs.constants.O_RDONLY : fs.constants.O_RDWR | (exists ? 0 : fs.constants.O_CREAT);
+  let fd: number;
   try {
-    fh = await nodeFsPromises().open(path, flags, 0o666);
+    fd = await fsOpen(path, flags, 0o666);
   } catch (err) {
     throw openError(path, mode, err);
   }
 
   try {
-    const st = await fh.stat({ bigint: true });
+    const st = await fsFstat(fd);
     const blksize = Number(st.blksize);
     if (st.isBlockDevice()) {
       let size: number;
       try {
-        size = native ? blkGetSize64(fh.fd) : await sysfsBlockSize(st.rdev);
+        size = native ? blkGetSize64(fd) : await sysfsBlockSize(st.rdev);
       } catch (err) {
         throw ioError('get size', err, path);
       }
       if (mode === 'target' && sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return new FileEndpoint(fh, path, mode, 'block', size, blksize, false);
+      return new FileEndpoint(fd, path, mode, 'block', size, blksize, false);
     }
     if (!st.isFile()) {
       const what = st.isDirectory() ? 'cannot open: EISDIR is a directory' : 'not a regular file or block device (use it as a pipe)';
       throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
     }
-    if (mode === 'source') return new FileEndpoint(fh, path, mode, 'file', Number(st.size), blksize, false);
+    if (mode === 'source') return new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false);
     if (update) {
       const size = Number(st.size);
       if (sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return new FileEndpoint(fh, path, mode, 'file', size, blksize, false);
+      return new FileEndpoint(fd, path, mode, 'file', size, blksize, false);
     }
 
     // Regular-file target: drop old contents so it is all hole, then extend to the source size.
     try {
-      await fh.truncate(0);
-      if (sourceSize !== undefined && sourceSize > 0) await fh.truncate(sourceSize);
+      await fsFtruncate(fd, 0);
+      if (sourceSize !== undefined && sourceSize > 0) await fsFtruncate(fd, sourceSize);
     } catch (err) {
       throw ioError('truncate', err, path);
     }
-    return new FileEndpoint(fh, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined);
+    return new FileEndpoint(fd, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined);
   } catch (err) {
-    await fh.close().catch(() => undefined);
+    await fsClose(fd).catch(() => undefined);
     throw err instanceof NbdStreamError ? err : ioError('open', err, path);
   }
 }
