@@ -42,7 +42,8 @@ function timed(nbdkitArgs: string[] | undefined, client: string): Run {
   const tf = path.join(dir, 'time.txt');
   const wf = path.join(dir, 'wall.txt');
   const clientSh = path.join(dir, 'client.sh');
-  fs.writeFileSync(clientSh, `s=$EPOCHREALTIME\n${client}\nrc=$?\necho "$s $EPOCHREALTIME" > ${wf}\nexit $rc\n`);
+  // (the radix character follows the locale: made a point)
+  fs.writeFileSync(clientSh, `s=\${EPOCHREALTIME/,/.}\n${client}\nrc=$?\ne=\${EPOCHREALTIME/,/.}\necho "$s $e" > ${wf}\nexit $rc\n`);
   const script = `export uri; /usr/bin/time -o ${tf} -f '%e %M %U %S' bash ${clientSh}`;
   const r = nbdkitArgs
     ? spawnSync('nbdkit', ['-U', '-', '--exit-with-parent', ...nbdkitArgs, '--run', script], { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 24 })
