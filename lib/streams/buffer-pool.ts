@@ -80,3 +80,30 @@ export function shareRelease(chunks: Chunk[], release: () => void): void {
   };
   for (const c of data) c.release = one;
 }
+
+/**
+ * Cut a data chunk at zero ranges (export offsets, in any order; parts outside the chunk or
+ * already covered are ignored): the bytes between stay data (views of the chunk's buffer), the
+ * ranges become zero chunks, touching ones merged. The parts share the chunk's release.
+ */
+export function splitAtZeroes(c: Chunk, zeroes: ReadonlyArray<{ offset: number; length: number }>): Chunk[] {
+  if (!zeroes.length) return [c];
+  const sorted = zeroes.length > 1 ? [...zeroes].sort((a, b) => a.offset - b.offset) : zeroes;
+  const out: Chunk[] = [];
+  const data = c.data!;
+  const end = c.offset + c.length;
+  let pos = c.offset;
+  for (const z of sorted) {
+    const zs = Math.max(z.offset, pos);
+    const ze = Math.min(z.offset + z.length, end);
+    if (ze <= zs) continue;
+    if (zs > pos) out.push({ offset: pos, length: zs - pos, kind: 'data', data: data.subarray(pos - c.offset, zs - c.offset) });
+    const last = out[out.length - 1];
+    if (last?.kind === 'zero' && last.offset + last.length === zs) last.length += ze - zs;
+    else out.push({ offset: zs, length: ze - zs, kind: 'zero' });
+    pos = ze;
+  }
+  if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: data.subarray(pos - c.offset) });
+  if (c.release) shareRelease(out, c.release);
+  return out;
+}

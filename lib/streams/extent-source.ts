@@ -23,7 +23,7 @@ import { NbdStreamError } from '../errors.js';
 import { ExtentMap, WORK_RANGE, type Chunk } from '../extents.js';
 import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
-import { BufferPool, shareRelease } from './buffer-pool.js';
+import { BufferPool, splitAtZeroes } from './buffer-pool.js';
 
 export interface ExtentSourceOptions {
   /** Piece size: power of two, 4 KiB - 32 MiB (default 256 KiB). */
@@ -252,21 +252,7 @@ export class ExtentSource extends Readable {
     const zb = r.zeroBlocks;
     if (!r.zeroes?.length) return [zb ? { offset: p.offset, length, kind: 'data', data: r.data, release, zeroBlocks: zb } : { offset: p.offset, length, kind: 'data', data: r.data, release }];
     // split around the ranges the server sent as holes
-    const out: Chunk[] = [];
-    let pos = p.offset;
-    const end = p.offset + length;
-    for (const z of [...r.zeroes].sort((a, b) => a.offset - b.offset)) {
-      if (z.offset > pos) out.push({ offset: pos, length: z.offset - pos, kind: 'data', data: r.data.subarray(pos - p.offset, z.offset - p.offset) });
-      const zs = Math.max(z.offset, pos);
-      const ze = Math.min(z.offset + z.length, end);
-      if (ze > zs) {
-        const last = out[out.length - 1];
-        if (last && last.kind === 'zero' && last.offset + last.length === zs) last.length += ze - zs;
-        else out.push({ offset: zs, length: ze - zs, kind: 'zero' });
-        pos = ze;
-      }
-    }
-    if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: r.data.subarray(pos - p.offset) });
+    const out = splitAtZeroes({ offset: p.offset, length, kind: 'data', data: r.data, release }, r.zeroes);
     // each data part gets the zero blocks inside it
     if (zb) {
       for (const c of out) {
@@ -275,7 +261,6 @@ export class ExtentSource extends Readable {
         c.zeroBlocks = { blockSize: zb.blockSize, runs: zb.runs.filter((z) => z.offset >= c.offset && z.offset + z.length <= end) };
       }
     }
-    shareRelease(out, release);
     return out;
   }
 

@@ -8,8 +8,8 @@
  */
 import { Transform } from 'streamx';
 import type { Chunk, ZeroBlockMap } from '../extents.js';
-import { STAGE_BUFFER, chunkBytes } from './extent-source.js';
-import { shareRelease } from './buffer-pool.js';
+import { DEFAULT_QUEUE_SIZE, STAGE_BUFFER, chunkBytes } from './extent-source.js';
+import { splitAtZeroes } from './buffer-pool.js';
 
 let zeroes = Buffer.alloc(0);
 
@@ -25,7 +25,7 @@ export function isZero(buf: Buffer, start: number, end: number): boolean {
 /** Split one data chunk into data/zero chunks at N-aligned zero blocks. */
 export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
   if (c.kind !== 'data' || n <= 0 || c.length < n) return [c];
-  return splitByRuns(c, c.zeroBlocks?.blockSize === n ? c.zeroBlocks.runs : zeroBlockRuns(c, n));
+  return splitAtZeroes(c, c.zeroBlocks?.blockSize === n ? c.zeroBlocks.runs : zeroBlockRuns(c, n));
 }
 
 /** The N-aligned whole blocks of a data chunk that are all zero bytes, as merged runs. */
@@ -41,29 +41,8 @@ function zeroBlockRuns(c: Chunk, n: number): ZeroBlockMap['runs'] {
   return runs;
 }
 
-/** Split a data chunk at zero runs inside it; runs that touch make one zero chunk. */
-function splitByRuns(c: Chunk, runs: ZeroBlockMap['runs']): Chunk[] {
-  if (!runs.length) return [c];
-  const sorted = runs.length > 1 ? [...runs].sort((a, b) => a.offset - b.offset) : runs;
-  const out: Chunk[] = [];
-  const data = c.data!;
-  let pos = c.offset;
-  for (const z of sorted) {
-    if (z.offset > pos) out.push({ offset: pos, length: z.offset - pos, kind: 'data', data: data.subarray(pos - c.offset, z.offset - c.offset) });
-    const last = out[out.length - 1];
-    // runs from different parts of one read may touch: one zero chunk
-    if (last?.kind === 'zero' && last.offset + last.length === z.offset) last.length += z.length;
-    else out.push({ offset: z.offset, length: z.length, kind: 'zero' });
-    pos = z.offset + z.length;
-  }
-  const end = c.offset + c.length;
-  if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'data', data: data.subarray(pos - c.offset) });
-  if (c.release) shareRelease(out, c.release);
-  return out;
-}
-
 export class ZeroDetect extends Transform {
-  constructor(private readonly sparse: number, queueSize = 16 * 1024 * 1024) {
+  constructor(private readonly sparse: number, queueSize = DEFAULT_QUEUE_SIZE) {
     super({ highWaterMark: Math.min(queueSize, STAGE_BUFFER), byteLength: (c) => chunkBytes(c as Chunk) });
   }
 
