@@ -88,7 +88,8 @@ export type FileKind = 'file' | 'block';
 // fd-based calls: node:fs/promises (FileHandle) costs about 5 ms of start-up to load
 const fsStat = promisify(fs.stat);
 const fsOpen = promisify(fs.open);
-const fsFstat = (fd: number) => promisify(fs.fstat)(fd, { bigint: true });
+const fstat = promisify(fs.fstat);
+const fsFstat = (fd: number) => fstat(fd, { bigint: true });
 const fsFtruncate = promisify(fs.ftruncate);
 const fsRead = promisify(fs.read);
 const fsWrite = promisify(fs.write);

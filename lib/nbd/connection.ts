@@ -31,6 +31,7 @@ import {
 const READER_RAW = 0;
 const READER_DATA = 1;
 const READER_SIMPLE_READ = 2;
+const READER_END = 3;
 /** Event flag: the read data just received was checked for zero blocks; raw lists the all-zero ones (native/socket_reader.c). */
 const READER_ZERO_CHECKED = 1 << 16;
 const NO_RUNS: ZeroRuns = new Float64Array(0);
@@ -42,7 +43,6 @@ function zeroRuns(flags: number, raw: Buffer | undefined): ZeroRuns | undefined 
   const bytes = raw.byteOffset % 8 === 0 ? raw : Buffer.from(raw);
   return new Float64Array(bytes.buffer, bytes.byteOffset, bytes.length / 8);
 }
-const READER_END = 3;
 
 export interface ConnectionOptions {
   /** Name used in error messages (normally the URI). */
