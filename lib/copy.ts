@@ -19,9 +19,9 @@ import { checkVerifiable, verifyCopy } from './verify.js';
 
 export interface CopyOptions {
   /**
-   * Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB). Consecutive data pieces are
-   * read together, up to 4 MiB at a time; given, it also caps every NBD request on the wire
-   * (nbdcopy's --request-size): a longer read goes out as several, settled together.
+   * Piece size, a power of two 4 KiB - 32 MiB (default 256 KiB), and the cap on every NBD
+   * request on the wire (nbdcopy's --request-size). Consecutive data pieces are read together,
+   * up to 4 MiB at a time: such a read goes out as several NBD reads, settled together.
    */
   requestSize?: number;
   /** Requests in flight per connection (default 64). */
@@ -98,7 +98,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const connections = sync ? 1 : options.connections ?? 4;
   const allocated = options.allocated ?? false;
   const sparse = allocated ? 0 : options.sparse ?? 4096;
-  const openOpts = { connections, requests, queueSize, readRequestSize: options.requestSize, timeout: options.timeout, retries: options.retries };
+  const openOpts = { connections, requests, queueSize, readRequestSize: requestSize, timeout: options.timeout, retries: options.retries };
   const hashSpec = (options.blkhash !== undefined && options.blkhash !== false) || options.verify ? blkhashSpec(options.blkhash) : undefined;
 
   const opened: Endpoint[] = [];

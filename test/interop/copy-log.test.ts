@@ -135,7 +135,7 @@ describe('request logs on the target', () => {
     expect(logLines(src.logFile!, ['Read']).filter((l) => l.includes('count='))).toHaveLength(1);
   });
 
-  it('--request-size caps every read (as nbdcopy); without it consecutive data pieces are read 4 MiB at a time', async () => {
+  it('no NBD_CMD_READ on the wire exceeds the request size: 256 KiB by default, N with --request-size=N (as nbdcopy)', async () => {
     const reads = async (args: string[]) => {
       const src = await kit('pattern', [`${16 * MiB}`], { readOnly: true, log: true });
       ok(await run([...args, src.uri, 'null:']));
@@ -145,8 +145,10 @@ describe('request logs on the target', () => {
         .sort((a, b) => a[0] - b[0]);
     };
     const tiles = (n: number) => Array.from({ length: (16 * MiB) / n }, (_, i) => [i * n, n]);
-    expect(await reads(['--request-size=256K'])).toEqual(tiles(256 * 1024));
-    expect(await reads([])).toEqual(tiles(4 * MiB));
+    expect(await reads([])).toEqual(tiles(256 * 1024));
+    expect(await reads(['--request-size=64K'])).toEqual(tiles(64 * 1024));
+    expect(await reads(['--request-size=1M'])).toEqual(tiles(MiB));
+    expect(await reads(['--request-size=8M'])).toEqual(tiles(8 * MiB));
   });
 
   it('-S turns zero blocks inside read pieces into zero requests', async () => {
