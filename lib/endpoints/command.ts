@@ -19,11 +19,11 @@
  */
 import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdStreamError } from '../errors.js';
-import { nodeChildProcess } from '../builtins.js';
+import { nodeChildProcess, nodeNet } from '../builtins.js';
 import { IHAVEOPT, NBDMAGIC, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_ABORT } from '../nbd/protocol.js';
 import { formatNbdUri } from '../nbd/uri.js';
 
@@ -132,7 +132,7 @@ export async function startActivated(argv: string[], opts: StartActivatedOptions
   const socket = path.join(dir, 'sock');
 
   // 1. Listen, then move the socket file to its final name (see the header comment).
-  const server = net.createServer();
+  const server = nodeNet().createServer();
   server.on('connection', (c) => c.destroy()); // never expected: we close before anyone connects
   try {
     await new Promise<void>((resolve, reject) => {
@@ -256,7 +256,7 @@ export async function startActivated(argv: string[], opts: StartActivatedOptions
     );
     void exited.then(() => finish(exitError()));
 
-    const s = net.connect(socket);
+    const s = nodeNet().connect(socket);
     probe = s;
     let got = Buffer.alloc(0);
     let answered = false;

@@ -18,9 +18,9 @@
  *    later call fails with the same error.
  */
 import { createReadStream, createWriteStream, fstatSync } from 'node:fs';
-import { Socket } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { NbdStreamError } from '../errors.js';
+import { nodeNet } from '../builtins.js';
 import { errnoText } from './file.js';
 import {
   denseExtents,
@@ -75,7 +75,7 @@ function capabilities(target: boolean): Capabilities {
 export function readableFromFd(fd: number): Readable {
   if (fd === 0) return process.stdin;
   const st = fstatSync(fd);
-  if (st.isFIFO() || st.isSocket()) return new Socket({ fd, readable: true, writable: false });
+  if (st.isFIFO() || st.isSocket()) return new (nodeNet().Socket)({ fd, readable: true, writable: false });
   return createReadStream('', { fd, highWaterMark: STREAM_HWM, autoClose: true });
 }
 
@@ -83,7 +83,7 @@ export function writableFromFd(fd: number): Writable {
   if (fd === 1) return process.stdout;
   if (fd === 2) return process.stderr;
   const st = fstatSync(fd);
-  if (st.isFIFO() || st.isSocket()) return new Socket({ fd, readable: false, writable: true });
+  if (st.isFIFO() || st.isSocket()) return new (nodeNet().Socket)({ fd, readable: false, writable: true });
   return createWriteStream('', { fd, highWaterMark: STREAM_HWM, autoClose: true });
 }
 

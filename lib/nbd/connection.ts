@@ -6,10 +6,10 @@
  * count and by bytes; more wait in FIFO order. A protocol violation or a lost socket fails every
  * pending request and closes the connection.
  */
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import { getSystemErrorName } from 'node:util';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
-import { nodeTls } from '../builtins.js';
+import { nodeNet, nodeTls } from '../builtins.js';
 import { encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler, type ZeroRuns } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
@@ -21,6 +21,7 @@ import {
   NBD_CMD_DISC,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
+  NBD_REPLY_FLAG_DONE,
   NBD_REQUEST_SIZE,
   commandName,
   nbdErrorName,
@@ -72,6 +73,8 @@ class Request implements PendingRequest {
   zeroUnchecked = false;
   /** Reads: the all-zero blocks the native reader found in the data (none: undefined). */
   zeroRuns: Range[] | undefined;
+  /** Reads: the native reader saw the reply end and dropped the registration itself. */
+  forgotten = false;
   error: NbdStreamError | undefined;
   extents: Extent[] | undefined;
   contextId = 0;
@@ -172,7 +175,7 @@ export class NbdConnection implements ReplyHandler {
     const opts: net.NetConnectOpts = zeroCopy
       ? { ...where, onread: { buffer: () => this.nextBuffer(), callback: (n: number) => this.onRead(n) } }
       : where;
-    const raw = net.connect(opts);
+    const raw = nodeNet().connect(opts);
     this.socket = raw;
     const onData = (chunk: Buffer) => this.onSocketData(chunk);
     if (!zeroCopy) raw.on('data', onData);
@@ -266,14 +269,22 @@ export class NbdConnection implements ReplyHandler {
       case READER_RAW:
         return d.push(raw!);
       case READER_DATA:
+        if (flags & NBD_REPLY_FLAG_DONE) this.forgotten(cookie);
         return d.dataReceived(cookie, offset, length, flags, zeroRuns(flags, raw));
       case READER_SIMPLE_READ:
+        this.forgotten(cookie);
         return d.simpleReadReceived(cookie, zeroRuns(flags, raw));
       case READER_END:
         return this.lostByServer(flags === 1);
       default:
         this.lost(new NbdStreamError('ERR_CONNECT', `connection error: ${getSystemErrorName(length)}`, { cause: Object.assign(new Error(`recv: errno ${-length}`), { errno: length }) }));
     }
+  }
+
+  /** The reader thread has dropped this read's registration (a last data chunk, a simple reply). */
+  private forgotten(cookie: number): void {
+    const r = this.pending.get(cookie);
+    if (r) r.forgotten = true;
   }
 
   /** Stop the reader thread (joins it: nothing writes into request buffers afterwards). */
@@ -415,7 +426,7 @@ export class NbdConnection implements ReplyHandler {
 
   private finish(r: Request): void {
     this.pending.delete(r.cookie);
-    if (this.nativeReader && r.type === NBD_CMD_READ) native!.readerForget(this.nativeReader, r.cookie);
+    if (this.nativeReader && r.type === NBD_CMD_READ && !r.forgotten) native!.readerForget(this.nativeReader, r.cookie);
     this.inFlight--;
     this.inFlightBytes -= r.cost;
     if (r.error) r.reject(r.error);

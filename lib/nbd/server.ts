@@ -26,7 +26,7 @@
  *    delay them, cut connections after N reply bytes, or break the protocol in chosen ways.
  */
 import { EventEmitter } from 'node:events';
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { NbdStreamError } from '../errors.js';
 import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
@@ -109,6 +109,7 @@ import {
 } from './server-codec.js';
 import { ServerTls, type ServerTlsOptions } from './server-tls.js';
 import { formatNbdUri } from './uri.js';
+import { nodeNet } from '../builtins.js';
 
 export type { ServerTlsOptions } from './server-tls.js';
 
@@ -457,7 +458,7 @@ export class NbdServer extends EventEmitter {
   /** Listen on a Unix socket, a TCP port, or an inherited listening fd. Resolves once listening. */
   async listen(o: ListenOptions): Promise<void> {
     if (this.closing) throw new NbdStreamError('ERR_USAGE', 'server is closed');
-    const srv = net.createServer({ noDelay: true, pauseOnConnect: false });
+    const srv = nodeNet().createServer({ noDelay: true, pauseOnConnect: false });
     srv.on('connection', (s) => this.handle(s));
     const where = o.fd !== undefined ? `fd ${o.fd}` : o.path !== undefined ? o.path : `${o.host ?? '*'}:${o.port}`;
     await new Promise<void>((resolve, reject) => {
