@@ -4,7 +4,7 @@
  */
 import * as fs from 'node:fs';
 import yargs from 'yargs';
-import { copy, checkRequestSize, type CopySummary } from '../lib/copy.js';
+import { copy, checkRequestSize, copyThreads, type CopySummary } from '../lib/copy.js';
 import { NbdStreamError } from '../lib/errors.js';
 import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE } from '../lib/streams/extent-source.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
@@ -111,7 +111,7 @@ async function main(): Promise<void> {
     .option('blkhash', { type: 'string', describe: 'Print the block hash of the source on stdout: --blkhash[=ALG[/BLOCKSIZE]], ALG md5, sha1, sha256 or sha512 (default sha256/64k)' })
     .option('blkhash-file', { type: 'string', describe: 'Write the block hash to FILE instead of stdout (implies --blkhash)' })
     .option('allocated', { type: 'boolean', describe: 'Fully allocate the destination (zero with NO_HOLE, no -S detection)' })
-    .option('connections', { alias: 'C', type: 'string', describe: 'NBD connections when multi-conn is allowed (default 4)' })
+    .option('connections', { alias: 'C', type: 'string', describe: 'NBD connections when multi-conn is allowed (default 4, at most --threads)' })
     .option('destination-is-zero', { alias: 'target-is-zero', type: 'boolean', describe: 'Destination already reads as zeroes: send no zero requests' })
     .option('flush', { type: 'boolean', describe: 'Flush the destination at the end' })
     .option('no-extents', { type: 'boolean', describe: 'Ignore extent information and read everything' })
@@ -126,7 +126,7 @@ async function main(): Promise<void> {
     .option('synchronous', { type: 'boolean', describe: 'One request at a time (for debugging)' })
     .option('timeout', { type: 'string', describe: 'Seconds an NBD request may wait for its reply (default: no limit)' })
     .option('retries', { type: 'string', describe: 'Reconnect and resend up to N times after a lost NBD connection (default 0)' })
-    .option('threads', { alias: 'T', type: 'string', describe: 'Accepted for nbdcopy compatibility (Node copies on one thread)' })
+    .option('threads', { alias: 'T', type: 'string', describe: 'As nbdcopy: caps the connections (default 0: the number of processor cores)' })
     .option('verbose', { alias: 'v', type: 'boolean', describe: 'Print endpoints, capabilities and sizes to stderr' })
     .option('verify', { type: 'boolean', describe: 'After the copy, re-read the destination and check it against the block hash of the source' })
     .version(`nbdstream ${pkg.version}`)
@@ -204,6 +204,7 @@ async function main(): Promise<void> {
     requestSize,
     requests: argv.requests !== undefined ? parseCount('requests', argv.requests, 1) : undefined,
     connections: argv.connections !== undefined ? parseCount('connections', argv.connections, 1) : undefined,
+    threads: argv.threads !== undefined ? parseCount('threads', argv.threads, 0) : undefined,
     queueSize: argv['queue-size'] !== undefined ? parseSize('queue-size', argv['queue-size']) : undefined,
     sparse: argv.sparse !== undefined ? parseSize('sparse', argv.sparse) : undefined,
     allocated: argv.allocated,
@@ -219,7 +220,6 @@ async function main(): Promise<void> {
     ...(isPipe(dst) ? { pipeFormat: pipeFormat as 'raw' | 'extents' | undefined } : { sourcePipeFormat: pipeFormat as 'raw' | 'extents' | undefined }),
     dirtyBitmap,
   };
-  if (argv.threads !== undefined) parseCount('threads', argv.threads, 0);
   if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || (options.sparse & (options.sparse - 1)) !== 0))
     fail(`--sparse: expected 0 or a power of two ≥ 512, not ${options.sparse}`);
 
@@ -254,7 +254,7 @@ async function main(): Promise<void> {
             process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
             if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
             process.stderr.write(
-              `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
+              `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads))} threads=${copyThreads(options.threads)} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
             );
           }
         : undefined,

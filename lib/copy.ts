@@ -5,6 +5,7 @@
  * a BlkhashStream between the source and ZeroDetect hashes the source on the way; `verify`
  * re-reads the target afterwards and checks it against that digest.
  */
+import { availableParallelism } from 'node:os';
 import { pipelinePromise } from 'streamx';
 import { NbdStreamError, asNbdStreamError } from './errors.js';
 import { openEndpoint, type EndpointSpec } from './endpoints/open.js';
@@ -28,8 +29,14 @@ export interface CopyOptions {
   requests?: number;
   /** Bytes in flight (default 16 MiB). */
   queueSize?: number;
-  /** NBD connections when multi-conn is allowed (default 4). */
+  /** NBD connections when multi-conn is allowed (default 4, and never more than `threads`). */
   connections?: number;
+  /**
+   * nbdcopy's -T: its copying threads, which also cap the connections (default, or 0: the
+   * number of processor cores). More connections than cores only make a server's threads
+   * contend on a small machine.
+   */
+  threads?: number;
   /** -S: zero-detection block size (default 4096; 0 = off; off with allocated). */
   sparse?: number;
   /** Fully allocated output: zero with NO_HOLE / ZERO_RANGE, no sparse detection. */
@@ -83,6 +90,11 @@ export interface CopySummary extends CopyStats {
   verified?: boolean;
 }
 
+/** The threads nbdcopy would use: -T, or the processor cores for 0 or none. */
+export function copyThreads(threads?: number): number {
+  return threads || availableParallelism();
+}
+
 export function checkRequestSize(n: number): void {
   if (!Number.isInteger(n) || n < 4096 || n > 32 * 1024 * 1024 || (n & (n - 1)) !== 0)
     throw new NbdStreamError('ERR_USAGE', `--request-size must be a power of two between 4096 and 33554432, not ${n}`);
@@ -95,7 +107,7 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const sync = options.synchronous ?? false;
   const requests = sync ? 1 : options.requests ?? 64;
   const queueSize = Math.max(options.queueSize ?? DEFAULT_QUEUE_SIZE, requestSize);
-  const connections = sync ? 1 : options.connections ?? 4;
+  const connections = sync ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads));
   const allocated = options.allocated ?? false;
   const sparse = allocated ? 0 : options.sparse ?? 4096;
   const openOpts = { connections, requests, queueSize, readRequestSize: requestSize, timeout: options.timeout, retries: options.retries };

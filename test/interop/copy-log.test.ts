@@ -5,6 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { logLines, nbdkit, type Server } from '../helpers/servers.js';
 import { serversPerTest } from '../helpers/fixtures.js';
@@ -130,9 +131,21 @@ describe('request logs on the target', () => {
 
   it('extra multi-conn connections open once there is data to read', async () => {
     const src = await kit('data', ['1', `size=${GiB}`], { readOnly: true, log: true });
-    ok(await run([src.uri, 'null:']));
+    ok(await run(['-T', '4', src.uri, 'null:']));
     expect(fs.readFileSync(src.logFile!, 'utf8').match(/connection=\d+ Connect /g)).toHaveLength(4);
     expect(logLines(src.logFile!, ['Read']).filter((l) => l.includes('count='))).toHaveLength(1);
+  });
+
+  it('connections: -C 4 by default, capped by -T, whose default is the processor cores (as nbdcopy)', async () => {
+    const connects = async (args: string[]) => {
+      const src = await kit('pattern', [`${16 * MiB}`], { readOnly: true, log: true });
+      ok(await run([...args, src.uri, 'null:']));
+      return fs.readFileSync(src.logFile!, 'utf8').match(/connection=\d+ Connect /g)!.length;
+    };
+    expect(await connects([])).toBe(Math.min(4, os.availableParallelism()));
+    expect(await connects(['-T', '3'])).toBe(3);
+    expect(await connects(['-T', '8', '-C', '5'])).toBe(5);
+    expect(await connects(['-T', '1'])).toBe(1);
   });
 
   it('no NBD_CMD_READ on the wire exceeds the request size: 256 KiB by default, N with --request-size=N (as nbdcopy)', async () => {

@@ -43,7 +43,7 @@ describe('copy between endpoint kinds', () => {
     ok(await run([file, mem.uri]));
     expect(nbdcopyHash(mem.uri)).toBe(fileHash(file));
     const mem2 = await kit('memory', ['64M'], { log: true });
-    ok(await run(['-C', '4', mem.uri, mem2.uri]));
+    ok(await run(['-C', '4', '-T', '4', mem.uri, mem2.uri]));
     expect(nbdcopyHash(mem2.uri)).toBe(fileHash(file));
     expect(fs.readFileSync(mem2.logFile!, 'utf8').match(/ Connect /g)!.length).toBeGreaterThan(1);
   });
