@@ -31,6 +31,10 @@
  *   readerForget(handle, cookie)                       after the read's reply (idempotent)
  *   readerStop(handle)                                 stop and join; no events afterwards
  *
+ * Completed reads (DATA, SIMPLE_READ) are handed over in batches, in order, with whatever event
+ * follows them: before the thread waits for the socket, or after BATCH_MAX of them. A burst of
+ * replies thus wakes the JS thread once rather than once per reply.
+ *
  * onEvent(kind, cookie, offset, length, flags, raw): kind RAW=0 (raw: Buffer), DATA=1,
  * SIMPLE_READ=2 (raw: zero block runs, see above), END=3 (flags: midReply), ERROR=4 (length:
  * -errno).
@@ -71,7 +75,8 @@ typedef struct {
   uint64_t zero_block; /* 0: no check */
 } expect_t;
 
-typedef struct {
+typedef struct event {
+  struct event *next; /* the next event of a batch */
   int kind;
   uint32_t cookie;
   uint64_t offset;
@@ -80,6 +85,10 @@ typedef struct {
   uint8_t *raw;
   size_t raw_len;
 } event_t;
+
+/* Completed reads are handed to JS in batches: at most this many, and always before the thread
+ * waits for the socket or passes on any other event, so JS wakes once per burst of replies. */
+#define BATCH_MAX 64
 
 typedef struct {
   int fd; /* our dup of the socket */
@@ -92,6 +101,8 @@ typedef struct {
   int stopped; /* joined (main thread only) */
   int refs;    /* the JS handle and the thread-safe function; freed at 0 (main thread only) */
   napi_threadsafe_function tsfn;
+  event_t *batch, *batch_tail; /* events not yet handed to JS (reader thread only) */
+  int n_batch;
 } reader_t;
 
 #define CHECK(call)                  \
@@ -129,6 +140,8 @@ static int lookup(reader_t *r, uint32_t cookie, expect_t *out, int take) {
 
 /* ------------------------------------------------------------------ thread */
 
+static int flush(reader_t *r);
+
 /* Status of receive_exact: bytes all there, stopped, end of stream, or -errno. */
 enum { RX_OK = 0, RX_STOP = 1, RX_EOF = 2 };
 
@@ -144,6 +157,7 @@ static int receive_exact(reader_t *r, uint8_t *buf, size_t n, size_t *got) {
     if (k == 0) return RX_EOF;
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+    if (!flush(r)) return RX_STOP;
     struct pollfd p[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = r->wakefd, .events = POLLIN}};
     if (poll(p, 2, -1) < 0 && errno != EINTR) return -errno;
     if (p[1].revents) return RX_STOP;
@@ -151,7 +165,29 @@ static int receive_exact(reader_t *r, uint8_t *buf, size_t n, size_t *got) {
   return RX_OK;
 }
 
-/* Queue an event for JS; returns 0 when the function is closing (stop). */
+static void free_events(event_t *e) {
+  while (e) {
+    event_t *next = e->next;
+    free(e->raw);
+    free(e);
+    e = next;
+  }
+}
+
+/* Hand the batched events to JS, in order, in one call; returns 0 when the function is closing. */
+static int flush(reader_t *r) {
+  event_t *e = r->batch;
+  if (!e) return 1;
+  r->batch = r->batch_tail = NULL;
+  r->n_batch = 0;
+  if (napi_call_threadsafe_function(r->tsfn, e, napi_tsfn_blocking) != napi_ok) {
+    free_events(e);
+    return 0;
+  }
+  return 1;
+}
+
+/* Queue an event for JS (a completed read waits for its batch); returns 0 when the function is closing (stop). */
 static int emit(reader_t *r, int kind, uint32_t cookie, uint64_t offset, int64_t length, uint32_t flags, const uint8_t *raw, size_t raw_len) {
   event_t *e = calloc(1, sizeof *e);
   if (!e) return 0;
@@ -169,12 +205,12 @@ static int emit(reader_t *r, int kind, uint32_t cookie, uint64_t offset, int64_t
     memcpy(e->raw, raw, raw_len);
     e->raw_len = raw_len;
   }
-  if (napi_call_threadsafe_function(r->tsfn, e, napi_tsfn_blocking) != napi_ok) {
-    free(e->raw);
-    free(e);
-    return 0;
-  }
-  return 1;
+  if (r->batch_tail) r->batch_tail->next = e;
+  else r->batch = e;
+  r->batch_tail = e;
+  r->n_batch++;
+  if ((kind == EV_DATA || kind == EV_SIMPLE_READ) && r->n_batch < BATCH_MAX) return 1;
+  return flush(r);
 }
 
 /* After receive_exact failed: report it (and what was received as RAW); returns 0 to end the thread. */
@@ -349,7 +385,8 @@ static void *run(void *arg) {
   int st;
   while ((st = one_reply(r)) > 0) {
   }
-  if (st < 0) raw_mode(r);
+  if (st < 0 && flush(r)) raw_mode(r);
+  flush(r);
   return NULL;
 }
 
@@ -358,18 +395,18 @@ static void *run(void *arg) {
 static void call_js(napi_env env, napi_value cb, void *context, void *data) {
   reader_t *r = context;
   event_t *e = data;
-  if (env && !r->stopped) {
+  for (event_t *x = e; x && env && !r->stopped; x = x->next) {
     napi_value undefined, argv[6];
-    if (napi_get_undefined(env, &undefined) == napi_ok && napi_create_int32(env, e->kind, &argv[0]) == napi_ok &&
-        napi_create_uint32(env, e->cookie, &argv[1]) == napi_ok && napi_create_double(env, (double)e->offset, &argv[2]) == napi_ok &&
-        napi_create_double(env, (double)e->length, &argv[3]) == napi_ok && napi_create_uint32(env, e->flags, &argv[4]) == napi_ok) {
-      void *copy;
-      if (e->raw_len ? napi_create_buffer_copy(env, e->raw_len, e->raw, &copy, &argv[5]) == napi_ok : napi_get_undefined(env, &argv[5]) == napi_ok)
-        napi_call_function(env, undefined, cb, 6, argv, NULL);
-    }
+    if (napi_get_undefined(env, &undefined) != napi_ok || napi_create_int32(env, x->kind, &argv[0]) != napi_ok ||
+        napi_create_uint32(env, x->cookie, &argv[1]) != napi_ok || napi_create_double(env, (double)x->offset, &argv[2]) != napi_ok ||
+        napi_create_double(env, (double)x->length, &argv[3]) != napi_ok || napi_create_uint32(env, x->flags, &argv[4]) != napi_ok)
+      break;
+    void *copy;
+    if (x->raw_len ? napi_create_buffer_copy(env, x->raw_len, x->raw, &copy, &argv[5]) != napi_ok : napi_get_undefined(env, &argv[5]) != napi_ok) break;
+    /* a callback that threw leaves an exception pending: the rest of the batch is dropped with it */
+    if (napi_call_function(env, undefined, cb, 6, argv, NULL) != napi_ok) break;
   }
-  free(e->raw);
-  free(e);
+  free_events(e);
 }
 
 static void stop(reader_t *r) {
