@@ -16,7 +16,7 @@ import { parseBlkhash, type BlkhashSpec } from '../lib/blkhash.js';
 import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/progress.js';
 import { describeSpec } from '../lib/endpoints/open.js';
 import { deferExtraCaCerts } from '../lib/nbd/tls.js';
-import { formatHelp, helpWidth, optionNames, terminalWidth, unknownOptions, type HelpText } from './usage.js';
+import { formatHelp, helpWidth, optionNames, terminalWidth, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 
 const pkg = { version: packageVersion() };
 
@@ -119,12 +119,6 @@ const HELP: HelpText = {
   ],
 };
 
-/** --help among the options (not after "--"; "[ CMD ARGS ]" groups are already lifted out). */
-function help(args: string[]): boolean {
-  const end = args.indexOf('--');
-  return (end < 0 ? args : args.slice(0, end)).includes('--help');
-}
-
 async function main(): Promise<void> {
   // "[ CMD ARGS ]" groups are lifted out before option parsing; "-p"/"--progress" take no value
   // unless written as "--progress=FD".
@@ -144,7 +138,8 @@ async function main(): Promise<void> {
     return g === '-p' || g === '--progress' ? '--progress=' : g === '--blkhash' ? '--blkhash=' : g;
   });
 
-  if (help(flat)) {
+  // ("[ CMD ARGS ]" groups are lifted out already: a --help inside one is the command's)
+  if (wantsHelp(flat)) {
     process.stdout.write(formatHelp(HELP, helpWidth()));
     return;
   }

@@ -145,6 +145,12 @@ export function formatHelp(h: HelpText, width: number): string {
   return out.join('\n') + '\n';
 }
 
+/** --help among the options (not after "--"): the caller prints formatHelp() and exits 0. */
+export function wantsHelp(args: readonly string[]): boolean {
+  const end = args.indexOf('--');
+  return (end < 0 ? args : args.slice(0, end)).includes('--help');
+}
+
 /** Edit distance with adjacent transpositions (optimal string alignment): "conections" → "connections" is 1. */
 export function editDistance(a: string, b: string): number {
   const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);

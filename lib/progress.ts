@@ -204,7 +204,7 @@ export function formatBar(percent: number, p: CopyProgress | undefined, detail: 
   const fields: Array<[string, number]> = [];
   if (detail && p) {
     fields.push([`${formatBytes(p.rate)}/s`.padStart(12), 1]);
-    fields.push([(p.phase === 'done' ? 'done' : `ETA ${formatEta(p.eta_s)}`).padEnd(8), 3]);
+    fields.push([(p.phase === 'done' ? 'done' : `ETA ${formatEta(p.eta_s)}`).padEnd(9), 3]);
     if (p.phase === 'verifying') fields.push(['verify', 2]);
   }
   const room = () => width - 2 - pct.length - fields.reduce((n, [f]) => n + 2 + f.length, 0);
