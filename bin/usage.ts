@@ -41,13 +41,13 @@ export function helpWidth(stream: { isTTY?: boolean; columns?: number } = proces
 
 /**
  * Words of `text` in lines of at most `width` columns (a longer word keeps a line to itself).
- * A no-break space (U+00A0) joins words that must stay on one line; it prints as a space.
+ * The first line may have its own width. A no-break space (U+00A0) joins words that must stay on one line; it prints as a space.
  */
-export function wrap(text: string, width: number): string[] {
+export function wrap(text: string, width: number, firstWidth = width): string[] {
   const lines: string[] = [];
   let line = '';
   for (const word of text.split(/[ \t\n]+/).filter(Boolean)) {
-    if (line && line.length + 1 + word.length > width) {
+    if (line && line.length + 1 + word.length > (lines.length ? width : firstWidth)) {
       lines.push(line);
       line = word;
     } else line = line ? `${line} ${word}` : word;
@@ -58,7 +58,7 @@ export function wrap(text: string, width: number): string[] {
 
 /** `text` wrapped to `width`, every line after `indent` spaces (the first after `first`, when given). */
 function block(text: string, indent: number, width: number, first = ' '.repeat(indent)): string[] {
-  return wrap(text, Math.max(10, width - indent)).map((l, i) => (i === 0 ? first : ' '.repeat(indent)) + l);
+  return wrap(text, Math.max(10, width - indent), Math.max(10, width - first.length)).map((l, i) => (i === 0 ? first : ' '.repeat(indent)) + l);
 }
 
 /**
@@ -70,7 +70,8 @@ export function commandLines(cmd: string, indent: number, width: number): string
   const words: string[] = [];
   let depth = 0;
   for (const w of cmd.split(' ')) {
-    if (depth > 0 && width - indent - 4 - words[words.length - 1].length > w.length + 3) words[words.length - 1] += ` ${w}`;
+    // (a group grows while it fits a continued line: indent + 4, the group, " \\")
+    if (depth > 0 && `${words[words.length - 1]} ${w}`.length <= width - indent - 6) words[words.length - 1] += ` ${w}`;
     else words.push(w);
     depth += w === '[' ? 1 : w === ']' && depth > 0 ? -1 : 0;
   }
