@@ -15,6 +15,7 @@ import { compare } from '../lib/compare.js';
 import { NbdStreamError } from '../lib/errors.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
+import { formatHelp, helpWidth, optionNames, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 
 const EXIT_ERROR = 2;
 
@@ -34,6 +35,24 @@ function parseCount(name: string, v: unknown): number {
   return Number(v);
 }
 
+/** The options (yargs' .options() map; `value` is how --help shows the value). */
+const OPTIONS = {
+  strict: { alias: 's', type: 'boolean', describe: 'Images of different sizes differ (otherwise the extra part must read as zeroes)' },
+  quiet: { alias: 'q', type: 'boolean', describe: 'Print nothing; only the exit status tells' },
+  'no-extents': { type: 'boolean', describe: 'Ignore extent information and read everything' },
+  connections: { alias: 'C', type: 'string', value: 'number', describe: 'NBD connections per image when multi-conn is allowed (default 4)' },
+  'request-size': { type: 'string', value: 'size', describe: 'Read size, a power of two 4K-32M (default 256K)' },
+  requests: { alias: 'R', type: 'string', value: 'number', describe: 'Reads in flight per image (default 64)' },
+} as const;
+
+const HELP: HelpText = {
+  usage: ['nbdstream compare [options] A B'],
+  description:
+    'Compare two images (any endpoints nbdstream copies: NBD URIs, files, devices, "-", "[\u00a0CMD\u00a0ARGS\u00a0]"). ' +
+    'Ranges that both report as zero are not read. Exit status: 0 identical, 1 different (the first differing offset is printed), 2 error — as qemu-img compare.',
+  options: { ...OPTIONS, help: { type: 'boolean', describe: 'Show this help' } },
+};
+
 export async function run(args: string[]): Promise<number> {
   let groups: Array<string | string[]>;
   try {
@@ -48,32 +67,21 @@ export async function run(args: string[]): Promise<number> {
     return `\u0000cmd${commands.length - 1}`;
   });
 
+  if (wantsHelp(flat)) {
+    process.stdout.write(formatHelp(HELP, helpWidth()));
+    return 0;
+  }
   const argv = await yargs(flat)
     .scriptName('nbdstream compare')
-    .usage(
-      'Usage: nbdstream compare [options] A B\n\n' +
-        'Compare two images (any endpoints nbdstream copies: NBD URIs, files, devices, "-", "[ CMD ARGS ]").\n' +
-        'Ranges that both report as zero are not read. Exit status: 0 identical, 1 different\n' +
-        '(the first differing offset is printed), 2 error — as qemu-img compare.',
-    )
     .parserConfiguration({ 'populate--': false, 'short-option-groups': true, 'camel-case-expansion': true, 'boolean-negation': false })
-    .option('strict', { alias: 's', type: 'boolean', describe: 'Images of different sizes differ (otherwise the extra part must read as zeroes)' })
-    .option('quiet', { alias: 'q', type: 'boolean', describe: 'Print nothing; only the exit status tells' })
-    .option('no-extents', { type: 'boolean', describe: 'Ignore extent information and read everything' })
-    .option('connections', { alias: 'C', type: 'string', describe: 'NBD connections per image when multi-conn is allowed (default 4)' })
-    .option('request-size', { type: 'string', describe: 'Read size, a power of two 4K-32M (default 256K)' })
-    .option('requests', { alias: 'R', type: 'string', describe: 'Reads in flight per image (default 64)' })
+    .options(OPTIONS)
     .version(false)
-    .help('help')
+    .help(false)
     .strictOptions()
-    .wrap(Math.min(100, process.stdout.columns || 100))
     .fail((msg, err) => {
       if (err) fail(err.message);
       const unknown = /^Unknown arguments?: (.*)/.exec(msg);
-      if (!unknown) fail(msg.replace(/\n.*/s, ''));
-      // as the user spelled them: "-x", "--frob" (yargs also lists camel-case aliases: dropped)
-      const names = unknown[1].split(', ').filter((n) => !/[A-Z]/.test(n)).map((n) => (n.length === 1 ? `-${n}` : `--${n}`));
-      fail(`unknown option${names.length > 1 ? 's' : ''}: ${names.join(', ')}`);
+      fail(unknown ? unknownOptions(unknown[1], flat, optionNames(OPTIONS)) : msg.replace(/\n.*/s, ''));
     })
     .parseAsync();
 

@@ -16,6 +16,7 @@ import { parseBlkhash, type BlkhashSpec } from '../lib/blkhash.js';
 import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/progress.js';
 import { describeSpec } from '../lib/endpoints/open.js';
 import { deferExtraCaCerts } from '../lib/nbd/tls.js';
+import { formatHelp, helpWidth, optionNames, terminalWidth, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 
 const pkg = { version: packageVersion() };
 
@@ -44,20 +45,6 @@ function parseCount(name: string, v: unknown, min: number): number {
   return n;
 }
 
-/** yargs' "Unknown arguments: frob-nicate, frobNicate, x" as the user spelled them: "unknown option: --frob-nicate, -x". */
-function unknownOptions(list: string, args: string[]): string {
-  const end = args.indexOf('--');
-  const opts = end < 0 ? args : args.slice(0, end);
-  const spelled = new Set<string>();
-  for (const n of list.split(', ')) {
-    if (n.length === 1) spelled.add(`-${n}`);
-    // camel-case aliases yargs adds (frobNicate for --frob-nicate) match nothing and are dropped
-    else if (opts.some((a) => a === `--${n}` || a.startsWith(`--${n}=`))) spelled.add(`--${n}`);
-  }
-  if (!spelled.size) spelled.add(list);
-  return `unknown option${spelled.size > 1 ? 's' : ''}: ${[...spelled].join(', ')}`;
-}
-
 /** "-", or a path to a FIFO, character device or socket: what opens as a pipe. */
 function isPipe(spec: EndpointSpec): boolean {
   if (spec === '-') return true;
@@ -79,6 +66,59 @@ function capabilityLine(ep: Endpoint): string {
   return `${ep.name}: size=${ep.size ?? 'unknown'} ${flags} preferredBlockSize=${c.preferredBlockSize} maxRequest=${c.maxRequest}`;
 }
 
+/** The options (yargs' .options() map; `value` is how --help shows the value: [size] takes K/M/G). */
+const OPTIONS = {
+  blkhash: { type: 'string', describe: 'Print the block hash of the source on stdout: --blkhash[=ALG[/BLOCKSIZE]], ALG md5, sha1, sha256 or sha512 (default sha256/64k)' },
+  'blkhash-file': { type: 'string', describe: 'Write the block hash to FILE instead of stdout (implies --blkhash)' },
+  allocated: { type: 'boolean', describe: 'Fully allocate the destination (zero with NO_HOLE, no -S detection)' },
+  connections: { alias: 'C', type: 'string', value: 'number', describe: 'NBD connections when multi-conn is allowed (default 4, at most --threads)' },
+  'destination-is-zero': { alias: 'target-is-zero', type: 'boolean', describe: 'Destination already reads as zeroes: send no zero requests' },
+  flush: { type: 'boolean', describe: 'Flush the destination at the end' },
+  'no-extents': { type: 'boolean', describe: 'Ignore extent information and read everything' },
+  'pipe-format': { type: 'string', describe: 'raw or extents (holes as records, docs/extent-stream.md): the format of a "-" or FIFO destination (default raw; the source then detects its own), else forces a pipe source\'s (default: detected)' },
+  'dirty-bitmap': { type: 'string', describe: 'Copy only the ranges dirty in the NBD source\'s qemu:dirty-bitmap:NAME; leave the rest of the destination as it is' },
+  progress: { type: 'string', describe: 'Progress bar on stderr (-p), "N/100" lines to FD (--progress=FD), or JSON lines on stderr or FD (--progress=json[:FD])' },
+  'queue-size': { type: 'string', value: 'size', describe: 'Bytes of read buffers held, from the read until written (default 32M)' },
+  'request-size': { type: 'string', value: 'size', describe: 'Request size, a power of two 4K-32M (default 256K)' },
+  requests: { alias: 'R', type: 'string', value: 'number', describe: 'Requests in flight per connection (default 64)' },
+  sparse: { alias: 'S', type: 'string', value: 'size', describe: 'Detect zero blocks of this size (default 4096, 0 = off)' },
+  summary: { type: 'string', describe: 'Print the final summary as a JSON object on stdout (--summary=json)' },
+  synchronous: { type: 'boolean', describe: 'One request at a time (for debugging)' },
+  timeout: { type: 'string', value: 'number', describe: 'Seconds an NBD request may wait for its reply (default: no limit)' },
+  retries: { type: 'string', value: 'number', describe: 'Reconnect and resend up to N times after a lost NBD connection (default 0)' },
+  threads: { alias: 'T', type: 'string', value: 'number', describe: 'As nbdcopy: caps the connections (default 0: the number of processor cores)' },
+  verbose: { alias: 'v', type: 'boolean', describe: 'Print endpoints, capabilities and sizes to stderr' },
+  verify: { type: 'boolean', describe: 'After the copy, re-read the destination and check it against the block hash of the source' },
+} as const;
+
+const HELP: HelpText = {
+  usage: ['nbdstream [options] SOURCE DESTINATION', 'nbdstream serve [options] FILE|DEVICE|memory:', 'nbdstream compare [options] A B'],
+  description:
+    'Copy a disk image between NBD servers, files, block devices and pipes, reading only data and turning holes and zeroes into cheap zero requests. ' +
+    'SOURCE and DESTINATION are an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://), a file or device, "-" for stdin/stdout, ' +
+    '"null:" (destination only) or "[\u00a0CMD\u00a0ARGS\u00a0]" to run an NBD server by socket activation.',
+  commands: [
+    ['serve', 'Export a file, device or memory image over NBD (serve\u00a0--help)'],
+    ['compare', 'Compare two images, as qemu-img compare (compare\u00a0--help)'],
+  ],
+  options: {
+    ...OPTIONS,
+    progress: { ...OPTIONS.progress, alias: 'p' }, // "-p" is rewritten to "--progress=" before yargs parses
+    version: { alias: 'V', type: 'boolean', describe: 'Show version number' },
+    help: { type: 'boolean', describe: 'Show this help' },
+  },
+  examples: [
+    ['nbdstream nbd://server/disk disk.img', 'Copy an NBD export to a sparse file'],
+    ['nbdstream disk.img nbd+unix:///?socket=/tmp/sock', 'Copy a file to an NBD server over a Unix socket'],
+    ['nbdstream -p -- [ qemu-nbd -f qcow2 disk.qcow2 ] out.raw', 'Convert qcow2 to raw via qemu-nbd, with a progress bar'],
+    ['nbdstream --target-is-zero disk.img nbd://host/fresh', 'Skip zeroing a new target'],
+    ['nbdstream --blkhash --verify disk.img nbd://host/export', 'Copy, print the source block hash, check the copy'],
+    ['nbdstream --pipe-format=extents nbd://a/disk - | ssh b nbdstream - disk.img', 'Send only the data from host a to host b, through ssh'],
+    ['nbdstream --dirty-bitmap=b0 nbd://host/disk backup.raw', 'Incremental backup: copy what changed since bitmap b0'],
+    ['nbdstream compare a.img nbd://host/export', 'Compare two images'],
+  ],
+};
+
 async function main(): Promise<void> {
   // "[ CMD ARGS ]" groups are lifted out before option parsing; "-p"/"--progress" take no value
   // unless written as "--progress=FD".
@@ -98,54 +138,23 @@ async function main(): Promise<void> {
     return g === '-p' || g === '--progress' ? '--progress=' : g === '--blkhash' ? '--blkhash=' : g;
   });
 
+  // ("[ CMD ARGS ]" groups are lifted out already: a --help inside one is the command's)
+  if (wantsHelp(flat)) {
+    process.stdout.write(formatHelp(HELP, helpWidth()));
+    return;
+  }
   const argv = await yargs(flat)
     .scriptName('nbdstream')
-    .usage(
-      'Usage: nbdstream [options] SOURCE DESTINATION\n\n' +
-        'Copy a disk image between NBD servers, files, block devices and pipes, reading only data\n' +
-        'and turning holes and zeroes into cheap zero requests. SOURCE and DESTINATION are an NBD URI\n' +
-        '(nbd://, nbds://, nbd+unix://, nbds+unix://), a file or device, "-" for stdin/stdout,\n' +
-        '"null:" (destination only) or "[ CMD ARGS ]" to run an NBD server by socket activation.',
-    )
     .parserConfiguration({ 'populate--': false, 'short-option-groups': true, 'camel-case-expansion': true, 'boolean-negation': false })
-    .option('blkhash', { type: 'string', describe: 'Print the block hash of the source on stdout: --blkhash[=ALG[/BLOCKSIZE]], ALG md5, sha1, sha256 or sha512 (default sha256/64k)' })
-    .option('blkhash-file', { type: 'string', describe: 'Write the block hash to FILE instead of stdout (implies --blkhash)' })
-    .option('allocated', { type: 'boolean', describe: 'Fully allocate the destination (zero with NO_HOLE, no -S detection)' })
-    .option('connections', { alias: 'C', type: 'string', describe: 'NBD connections when multi-conn is allowed (default 4, at most --threads)' })
-    .option('destination-is-zero', { alias: 'target-is-zero', type: 'boolean', describe: 'Destination already reads as zeroes: send no zero requests' })
-    .option('flush', { type: 'boolean', describe: 'Flush the destination at the end' })
-    .option('no-extents', { type: 'boolean', describe: 'Ignore extent information and read everything' })
-    .option('pipe-format', { type: 'string', describe: 'raw or extents (holes as records, docs/extent-stream.md): the format of a "-" or FIFO destination (default raw; the source then detects its own), else forces a pipe source\'s (default: detected)' })
-    .option('dirty-bitmap', { type: 'string', describe: 'Copy only the ranges dirty in the NBD source\'s qemu:dirty-bitmap:NAME; leave the rest of the destination as it is' })
-    .option('progress', { type: 'string', describe: 'Progress bar on stderr (-p), "N/100" lines to FD (--progress=FD), or JSON lines on stderr or FD (--progress=json[:FD])' })
-    .option('queue-size', { type: 'string', describe: 'Bytes of read buffers held, from the read until written (default 32M)' })
-    .option('request-size', { type: 'string', describe: 'Request size, a power of two 4K-32M (default 256K)' })
-    .option('requests', { alias: 'R', type: 'string', describe: 'Requests in flight per connection (default 64)' })
-    .option('sparse', { alias: 'S', type: 'string', describe: 'Detect zero blocks of this size (default 4096, 0 = off)' })
-    .option('summary', { type: 'string', describe: 'Print the final summary as a JSON object on stdout (--summary=json)' })
-    .option('synchronous', { type: 'boolean', describe: 'One request at a time (for debugging)' })
-    .option('timeout', { type: 'string', describe: 'Seconds an NBD request may wait for its reply (default: no limit)' })
-    .option('retries', { type: 'string', describe: 'Reconnect and resend up to N times after a lost NBD connection (default 0)' })
-    .option('threads', { alias: 'T', type: 'string', describe: 'As nbdcopy: caps the connections (default 0: the number of processor cores)' })
-    .option('verbose', { alias: 'v', type: 'boolean', describe: 'Print endpoints, capabilities and sizes to stderr' })
-    .option('verify', { type: 'boolean', describe: 'After the copy, re-read the destination and check it against the block hash of the source' })
+    .options(OPTIONS)
     .version(`nbdstream ${pkg.version}`)
     .alias('version', 'V')
-    .help('help')
-    .example('nbdstream nbd://server/disk disk.img', 'copy an NBD export to a sparse file')
-    .example('nbdstream disk.img nbd+unix:///?socket=/tmp/sock', 'copy a file to an NBD server over a Unix socket')
-    .example('nbdstream -p -- [ qemu-nbd -f qcow2 disk.qcow2 ] out.raw', 'convert qcow2 to raw via qemu-nbd')
-    .example('nbdstream --target-is-zero disk.img nbd://host/fresh', 'skip zeroing a new target')
-    .example('nbdstream --blkhash --verify disk.img nbd://host/export', 'copy, print the source block hash, check the copy')
-    .example('nbdstream nbd://host/disk - --pipe-format=extents | ssh far nbdstream - disk.img', 'send only the data through a pipe')
-    .example('nbdstream --dirty-bitmap=b0 nbd://host/disk backup.raw', 'incremental backup: copy what changed since bitmap b0')
-    .example('nbdstream compare a.img nbd://host/export', 'compare two images (see nbdstream compare --help)')
+    .help(false)
     .strictOptions()
-    .wrap(Math.min(100, process.stdout.columns || 100))
     .fail((msg, err) => {
       if (err) fail(err.message);
       const unknown = /^Unknown arguments?: (.*)/.exec(msg);
-      fail(unknown ? unknownOptions(unknown[1], flat) : msg.replace(/\n.*/s, ''));
+      fail(unknown ? unknownOptions(unknown[1], flat, optionNames(OPTIONS, ['help', 'version'])) : msg.replace(/\n.*/s, ''));
     })
     .parseAsync();
 
@@ -226,7 +235,8 @@ async function main(): Promise<void> {
   let lastPercent = -1;
   let lastDraw = 0;
   let lastProgress: CopyProgress | undefined;
-  // on a terminal the bar also shows rate and ETA, redrawn a few times a second
+  // on a terminal the bar also shows rate and ETA, redrawn a few times a second; it stays one
+  // column short of the terminal's width (a full line would wrap on some terminals)
   const tty = progress === '' && process.stderr.isTTY === true;
   const report = (percent: number) => {
     const now = Date.now();
@@ -234,7 +244,7 @@ async function main(): Promise<void> {
     lastPercent = percent;
     lastDraw = now;
     if (progressFd !== undefined) fs.writeSync(progressFd, `${percent}/100\n`);
-    else if (progress !== undefined) process.stderr.write(`\r${formatBar(percent, lastProgress, tty)}${tty ? '\x1b[K' : ''}`);
+    else if (progress !== undefined) process.stderr.write(`\r${formatBar(percent, lastProgress, tty, terminalWidth(process.stderr) - 1)}${tty ? '\x1b[K' : ''}`);
   };
   const jsonLines = progressJson ? throttle<CopyProgress>((p) => fs.writeSync(progressFd!, JSON.stringify(p) + '\n'), 250) : undefined;
   const onProgress = (p: CopyProgress) => {

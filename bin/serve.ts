@@ -16,6 +16,7 @@ import { NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
 import { NBD_DEFAULT_PORT } from '../lib/nbd/protocol.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
+import { formatHelp, helpWidth, optionNames, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 
 class UsageError extends Error {}
 
@@ -46,41 +47,48 @@ export async function run(args: string[]): Promise<number> {
   }
 }
 
+/** The options (yargs' .options() map; `value` is how --help shows the value). */
+const OPTIONS = {
+  socket: { alias: 'U', type: 'string', describe: 'Listen on this Unix socket ("-": a private temporary one)' },
+  port: { alias: 'p', type: 'string', value: 'number', describe: `Listen on this TCP port (default ${NBD_DEFAULT_PORT}; 0: any free port)` },
+  bind: { alias: 'i', type: 'string', describe: 'TCP address to listen on (default: all)' },
+  export: { alias: 'e', type: 'string', describe: 'Export name (default ""; the default export "" always reaches it too)' },
+  description: { type: 'string', describe: 'Export description (NBD_INFO_DESCRIPTION, NBD_OPT_LIST)' },
+  'read-only': { alias: 'r', type: 'boolean', describe: 'Export read-only (writes fail with EPERM)' },
+  size: { type: 'string', value: 'size', describe: 'Size of a memory: image, e.g. 1G' },
+  tls: { type: 'string', choices: ['off', 'on', 'require'], describe: 'off, on or require: offer TLS (on) or insist on it (require); default on when credentials are given' },
+  'tls-psk': { type: 'string', describe: 'psktool key file (user:hexkey lines)' },
+  'tls-certificates': { type: 'string', describe: 'Directory with server-cert.pem, server-key.pem, ca-cert.pem' },
+  'tls-verify-peer': { type: 'boolean', describe: 'Require a client certificate signed by ca-cert.pem' },
+  run: { type: 'string', describe: 'Run this shell command with $uri set, then exit with its status' },
+  verbose: { alias: 'v', type: 'boolean', describe: 'Log connections and client errors to stderr' },
+} as const;
+
+const HELP: HelpText = {
+  usage: ['nbdstream serve [options] FILE|DEVICE|memory:'],
+  description:
+    'Export a file, a block device or an in-memory image (memory: with --size) over NBD. ' +
+    'Listens on --socket PATH, or TCP --port (default 10809) on --bind ADDR; under socket activation (LISTEN_FDS) on the inherited socket. ' +
+    'Serves until SIGTERM/SIGINT, or runs --run CMD with $uri set and exits with its status.',
+  options: { ...OPTIONS, help: { type: 'boolean', describe: 'Show this help' } },
+};
+
 async function serve(args: string[]): Promise<number> {
+  if (wantsHelp(args)) {
+    process.stdout.write(formatHelp(HELP, helpWidth()));
+    return 0;
+  }
   const argv = await yargs(args)
     .scriptName('nbdstream serve')
-    .usage(
-      'Usage: nbdstream serve [options] FILE|DEVICE|memory:\n\n' +
-        'Export a file, a block device or an in-memory image (memory: with --size) over NBD.\n' +
-        'Listens on --socket PATH, or TCP --port (default 10809) on --bind ADDR; under socket\n' +
-        'activation (LISTEN_FDS) on the inherited socket. Serves until SIGTERM/SIGINT, or runs\n' +
-        '--run CMD with $uri set and exits with its status.',
-    )
     .parserConfiguration({ 'camel-case-expansion': false, 'boolean-negation': false })
-    .option('socket', { alias: 'U', type: 'string', describe: 'Listen on this Unix socket ("-": a private temporary one)' })
-    .option('port', { alias: 'p', type: 'string', describe: `Listen on this TCP port (default ${NBD_DEFAULT_PORT}; 0: any free port)` })
-    .option('bind', { alias: 'i', type: 'string', describe: 'TCP address to listen on (default: all)' })
-    .option('export', { alias: 'e', type: 'string', describe: 'Export name (default ""; the default export "" always reaches it too)' })
-    .option('description', { type: 'string', describe: 'Export description (NBD_INFO_DESCRIPTION, NBD_OPT_LIST)' })
-    .option('read-only', { alias: 'r', type: 'boolean', describe: 'Export read-only (writes fail with EPERM)' })
-    .option('size', { type: 'string', describe: 'Size of a memory: image, e.g. 1G' })
-    .option('tls', { type: 'string', choices: ['off', 'on', 'require'], describe: 'TLS: offer (on) or insist (require); default on when credentials are given' })
-    .option('tls-psk', { type: 'string', describe: 'psktool key file (user:hexkey lines)' })
-    .option('tls-certificates', { type: 'string', describe: 'Directory with server-cert.pem, server-key.pem, ca-cert.pem' })
-    .option('tls-verify-peer', { type: 'boolean', describe: 'Require a client certificate signed by ca-cert.pem' })
-    .option('run', { type: 'string', describe: 'Run this shell command with $uri set, then exit with its status' })
-    .option('verbose', { alias: 'v', type: 'boolean', describe: 'Log connections and client errors to stderr' })
-    .help('help')
+    .options(OPTIONS)
+    .help(false)
     .version(false)
     .strictOptions()
-    .wrap(Math.min(100, process.stdout.columns || 100))
     .fail((msg, err) => {
       if (err) throw err;
       const unknown = /^Unknown arguments?: (.*)/.exec(msg);
-      if (unknown) {
-        const names = unknown[1].split(', ').map((n) => (n.length === 1 ? `-${n}` : `--${n}`));
-        usage(`unknown option${names.length > 1 ? 's' : ''}: ${names.join(', ')}`);
-      }
+      if (unknown) usage(unknownOptions(unknown[1], args, optionNames(OPTIONS)));
       usage(msg.replace(/\s*\n\s*/g, ' '));
     })
     .parseAsync();

@@ -187,16 +187,29 @@ export function formatEta(s: number | null): string {
   return h ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
 }
 
+/** The bar's own width: at most this many columns of # and ., at least the minimum when it can. */
+const BAR_MAX = 40;
+const BAR_MIN = 10;
+
 /**
- * The human bar: "[#######.......]  42%" and, when `detail` (a terminal), the rate and ETA:
- * "[#######.......]  42%  310.2 MiB/s  ETA 0:12" ("verify" while re-reading the target).
+ * The human bar in at most `width` columns: "[#######.......]  42%" and, when `detail` (a
+ * terminal), the rate and ETA: "[#######.......]  42%  310.2 MiB/s  ETA 0:12" ("verify" while
+ * re-reading the target). The bar shrinks to fit, down to 10 columns; below that the rate is
+ * left out, then "verify", then the ETA. The rate and ETA are padded so the bar keeps its size
+ * from one redraw to the next.
  */
-export function formatBar(percent: number, p: CopyProgress | undefined, detail: boolean, width = 40): string {
-  const filled = Math.round((percent / 100) * width);
-  let s = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${String(percent).padStart(3)}%`;
+export function formatBar(percent: number, p: CopyProgress | undefined, detail: boolean, width = 80): string {
+  const pct = ` ${String(percent).padStart(3)}%`;
+  // [text, order in which it is left out]
+  const fields: Array<[string, number]> = [];
   if (detail && p) {
-    s += `  ${formatBytes(p.rate).padStart(10)}/s  ${p.phase === 'done' ? 'done     ' : `ETA ${formatEta(p.eta_s)}`}`;
-    if (p.phase === 'verifying') s += '  verify';
+    fields.push([`${formatBytes(p.rate)}/s`.padStart(12), 1]);
+    fields.push([(p.phase === 'done' ? 'done' : `ETA ${formatEta(p.eta_s)}`).padEnd(9), 3]);
+    if (p.phase === 'verifying') fields.push(['verify', 2]);
   }
-  return s;
+  const room = () => width - 2 - pct.length - fields.reduce((n, [f]) => n + 2 + f.length, 0);
+  while (room() < BAR_MIN && fields.length) fields.splice(fields.indexOf(fields.reduce((a, b) => (b[1] < a[1] ? b : a))), 1);
+  const bar = Math.max(BAR_MIN, Math.min(BAR_MAX, room()));
+  const filled = Math.round((percent / 100) * bar);
+  return `[${'#'.repeat(filled)}${'.'.repeat(bar - filled)}]${pct}${fields.map(([f]) => `  ${f}`).join('')}`.trimEnd();
 }
