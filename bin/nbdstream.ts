@@ -16,6 +16,7 @@ import { parseBlkhash, type BlkhashSpec } from '../lib/blkhash.js';
 import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/progress.js';
 import { describeSpec } from '../lib/endpoints/open.js';
 import { deferExtraCaCerts } from '../lib/nbd/tls.js';
+import { parseSize as parseSizeText } from '../lib/size.js';
 
 const pkg = { version: packageVersion() };
 
@@ -24,12 +25,13 @@ function fail(message: string): never {
   process.exit(1);
 }
 
-/** "64K", "1M", "2G" or plain bytes. */
+/** A size option (lib/size.ts: "65536", "64K", "64MiB" ...). */
 function parseSize(name: string, v: unknown): number {
-  const m = /^(\d+)([kKmMgG]?)$/.exec(String(v));
-  if (!m) fail(`--${name}: expected a size like 262144, 256K or 1M, not "${String(v)}"`);
-  const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 }[m[2].toLowerCase() as '' | 'k' | 'm' | 'g'];
-  return Number(m[1]) * mult;
+  try {
+    return parseSizeText(String(v), `--${name}`);
+  } catch (err) {
+    fail((err as Error).message);
+  }
 }
 
 function parseSeconds(v: unknown): number {
@@ -220,7 +222,7 @@ async function main(): Promise<void> {
     dirtyBitmap,
   };
   if (argv.threads !== undefined) parseCount('threads', argv.threads, 0);
-  if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || (options.sparse & (options.sparse - 1)) !== 0))
+  if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || !Number.isInteger(Math.log2(options.sparse))))
     fail(`--sparse: expected 0 or a power of two ≥ 512, not ${options.sparse}`);
 
   let lastPercent = -1;
