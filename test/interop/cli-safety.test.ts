@@ -1,0 +1,122 @@
+/**
+ * The CLI where a user can hurt themselves or the pipeline around it (issue 15, items 4-7): a file
+ * copied onto itself, --progress=FD with a descriptor that is not open for writing, a `[ CMD ]`
+ * server that never answers under --timeout, stdout closed early by the reader.
+ */
+import { afterAll, describe, expect, it } from 'vitest';
+import { execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { copy } from '../../lib/copy.js';
+import { openEndpoint } from '../../lib/endpoints/open.js';
+import { dirPerFile, fileHash, serversPerTest } from '../helpers/fixtures.js';
+import { attachLoop } from '../helpers/loop.js';
+import { CLI, run, type CliResult } from '../helpers/cli.js';
+
+const MiB = 2 ** 20;
+const { kit } = serversPerTest();
+const dir = dirPerFile('nbdstream-cli-safety-');
+
+function cli(args: string[], o: { shell?: string } = {}): Promise<CliResult> {
+  return run(args, { ...o, timeoutMs: 20_000 });
+}
+
+/** Exit 1, nothing on stdout, stderr exactly `nbdstream: MESSAGE\n`. */
+function fails(r: CliResult, message: string): void {
+  expect(r.stderr).toBe(`nbdstream: ${message}\n`);
+  expect(r.status).toBe(1);
+  expect(r.stdout.length).toBe(0);
+}
+
+/** A 1 MiB file of random bytes with a hole in the middle; returns its path and sha256. */
+function sourceFile(name: string): { file: string; hash: string } {
+  const file = path.join(dir, name);
+  const fd = fs.openSync(file, 'w');
+  fs.writeSync(fd, randomBytes(256 * 1024), 0, 256 * 1024, 0);
+  fs.writeSync(fd, randomBytes(256 * 1024), 0, 256 * 1024, 768 * 1024);
+  fs.closeSync(fd);
+  return { file, hash: fileHash(file) };
+}
+
+describe('a file copied onto itself is refused before any write', () => {
+  const same = (target: string) => `${target}: is the same file as the source: refusing to copy it onto itself`;
+
+  it('the same path', async () => {
+    const { file, hash } = sourceFile('plain.img');
+    fails(await cli([file, file]), same(file));
+    expect(fileHash(file)).toBe(hash);
+  });
+
+  it('through a symlink, either way round', async () => {
+    const { file, hash } = sourceFile('sym-src.img');
+    const link = path.join(dir, 'sym-link.img');
+    fs.symlinkSync(file, link);
+    fails(await cli([file, link]), same(link));
+    fails(await cli([link, file]), same(file));
+    expect(fileHash(file)).toBe(hash);
+  });
+
+  it('through a hard link', async () => {
+    const { file, hash } = sourceFile('hard-src.img');
+    const link = path.join(dir, 'hard-link.img');
+    fs.linkSync(file, link);
+    fails(await cli([file, link]), same(link));
+    expect(fileHash(file)).toBe(hash);
+  });
+
+  it('through /dev/fd/N, and as stdin or stdout', async () => {
+    const { file, hash } = sourceFile('fd-src.img');
+    fails(await cli([], { shell: `"$NBDSTREAM" '${file}' /dev/fd/5 5<'${file}'` }), same('/dev/fd/5'));
+    fails(await cli([], { shell: `"$NBDSTREAM" - '${file}' <'${file}'` }), same(file));
+    fails(await cli([], { shell: `"$NBDSTREAM" '${file}' - 1<>'${file}'` }), same('-'));
+    expect(fileHash(file)).toBe(hash);
+  });
+
+  it('the library refuses it too (copy() with specs, and with endpoints opened by the caller)', async () => {
+    const { file, hash } = sourceFile('lib-src.img');
+    const link = path.join(dir, 'lib-link.img');
+    fs.linkSync(file, link);
+    await expect(copy(file, link)).rejects.toMatchObject({ code: 'ERR_SAME_FILE', endpoint: link });
+    const s = await openEndpoint(file, 'source');
+    const d = await openEndpoint(link, 'target', { update: true });
+    try {
+      await expect(copy(s, d)).rejects.toMatchObject({ code: 'ERR_SAME_FILE', endpoint: link });
+    } finally {
+      await s.close();
+      await d.close();
+    }
+    expect(fileHash(file)).toBe(hash);
+  });
+
+  it('different files, and /dev/null to /dev/null through pipes, still copy', async () => {
+    const { file, hash } = sourceFile('other-src.img');
+    const out = path.join(dir, 'other-out.img');
+    const r = await cli([file, out]);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(fileHash(out)).toBe(hash);
+    const n = await cli([], { shell: `"$NBDSTREAM" - - </dev/null >/dev/null` });
+    expect(n.stderr).toBe('');
+    expect(n.status).toBe(0);
+  });
+
+  // Loop device: needs root and a working losetup (skipped with the reason otherwise, never in CI).
+  const loop = attachLoop(dir, 1 * MiB);
+  afterAll(() => loop.detach());
+  it.skipIf(loop.skip !== undefined)(`a block device reached by a symlink and by a second device node${loop.skip !== undefined ? ` (skipped: ${loop.skip})` : ''}`, async () => {
+    const dev = loop.skip === undefined ? loop.dev : '';
+    const content = randomBytes(1 * MiB);
+    fs.writeFileSync(dev, content);
+    const link = path.join(dir, 'loop-link');
+    fs.symlinkSync(dev, link);
+    const st = fs.statSync(dev);
+    const node = path.join(dir, 'loop-node');
+    execFileSync('mknod', [node, 'b', String(Math.floor(st.rdev / 256) & 0xfff), String(st.rdev & 0xff)]);
+    const sameDevice = (t: string) => `${t}: is the same block device as the source: refusing to copy it onto itself`;
+    fails(await cli([dev, link]), sameDevice(link));
+    fails(await cli([dev, node]), sameDevice(node));
+    fails(await cli(['--allocated', node, dev]), sameDevice(dev));
+    expect(fs.readFileSync(dev).equals(content)).toBe(true);
+  });
+});
