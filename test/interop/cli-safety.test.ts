@@ -120,3 +120,15 @@ describe('a file copied onto itself is refused before any write', () => {
     expect(fs.readFileSync(dev).equals(content)).toBe(true);
   });
 });
+
+describe('--timeout bounds the wait for a [ CMD ] server to answer', () => {
+  it('a command that never answers is killed after --timeout, with one line naming it', async () => {
+    const pidFile = path.join(dir, 'never-answers.pid');
+    const started = Date.now();
+    const r = await cli(['--timeout', '1', '--', '[', 'sh', '-c', `echo $$ >'${pidFile}'; exec sleep 100`, ']', 'null:']);
+    fails(r, `[ sh -c echo $$ >'${pidFile}'; exec sleep 100 ]: command "sh" did not answer on its socket within 1 s`);
+    expect(Date.now() - started).toBeLessThan(15_000); // not the 60 s default
+    const pid = Number(fs.readFileSync(pidFile, 'utf8'));
+    expect(() => process.kill(pid, 0)).toThrow(expect.objectContaining({ code: 'ESRCH' }));
+  });
+});
