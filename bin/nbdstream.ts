@@ -25,6 +25,20 @@ function fail(message: string): never {
   process.exit(1);
 }
 
+/**
+ * The reader of a pipe target has gone (`nbdstream SRC - | head`): end as cat and nbdcopy do in a
+ * pipeline, silently, killed by SIGPIPE (status 141 in the shell). Node ignores SIGPIPE; a listener
+ * added and removed puts the default action back. Called after copy() has closed the endpoints.
+ */
+function dieOfSigpipe(): never {
+  const noop = () => undefined;
+  process.on('SIGPIPE', noop);
+  process.off('SIGPIPE', noop);
+  process.kill(process.pid, 'SIGPIPE');
+  // the signal is delivered before kill() returns; if it was somehow blocked, fail as before
+  return fail('write failed: EPIPE');
+}
+
 /** A size option (lib/size.ts: "65536", "64K", "64MiB" ...). */
 function parseSize(name: string, v: unknown): number {
   try {
@@ -265,6 +279,7 @@ async function main(): Promise<void> {
     jsonLines?.cancel();
     if (progress === '' && lastPercent >= 0) process.stderr.write('\n');
     const e = err instanceof NbdStreamError ? err : new NbdStreamError('ERR_IO', (err as Error)?.message ?? String(err));
+    if (e.code === 'ERR_BROKEN_PIPE') dieOfSigpipe();
     fail(e.describe());
   }
   if (!progressJson) report(100);

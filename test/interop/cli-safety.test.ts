@@ -132,3 +132,42 @@ describe('--timeout bounds the wait for a [ CMD ] server to answer', () => {
     expect(() => process.kill(pid, 0)).toThrow(expect.objectContaining({ code: 'ESRCH' }));
   });
 });
+
+describe('a pipe target whose reader goes away: killed by SIGPIPE, as cat and nbdcopy', () => {
+  it('nbdstream SRC - | head -c 1M: nothing on stderr, status 141 in the shell', async () => {
+    const src = await kit('pattern', [`${64 * MiB}`], { readOnly: true });
+    const r = await cli([], { shell: `bash -c 'set -o pipefail; "$NBDSTREAM" "$0" - | head -c 1M | wc -c' '${src.uri}'` });
+    expect(r.stderr).toBe('');
+    expect(r.stdout.toString()).toBe(`${MiB}\n`);
+    expect(r.status).toBe(141);
+  });
+
+  it('the process dies of the signal (stdout closed by the reader), extent format too', async () => {
+    const src = await kit('pattern', [`${64 * MiB}`], { readOnly: true });
+    for (const extra of [[], ['--pipe-format=extents']]) {
+      const p = spawn(CLI, [...extra, src.uri, '-'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stderr = '';
+      p.stderr.on('data', (d) => (stderr += d));
+      await new Promise((resolve) => p.stdout.once('data', resolve));
+      p.stdout.destroy();
+      const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => p.on('close', (c, s) => resolve([c, s])));
+      expect({ code, signal, stderr }).toEqual({ code: null, signal: 'SIGPIPE', stderr: '' });
+    }
+  });
+
+  it('a FIFO target whose reader stops early (nbdcopy dies of SIGPIPE there too)', async () => {
+    const src = await kit('pattern', [`${64 * MiB}`], { readOnly: true });
+    const fifo = path.join(dir, 'early.fifo');
+    execFileSync('mkfifo', [fifo]);
+    const r = await cli([], { shell: `head -c 1M '${fifo}' >/dev/null & "$NBDSTREAM" '${src.uri}' '${fifo}'; echo "status $?"; wait` });
+    expect(r.stderr).toBe('');
+    expect(r.stdout.toString()).toBe('status 141\n');
+  });
+
+  it('other write failures on a pipe target still print one line and exit 1 (/dev/full)', async () => {
+    const src = await kit('pattern', [`${8 * MiB}`], { readOnly: true });
+    const r = await cli([src.uri, '/dev/full']);
+    expect(r.stderr).toMatch(/^nbdstream: \/dev\/full: offset \d+: write failed: ENOSPC no space left on device\n$/);
+    expect(r.status).toBe(1);
+  });
+});
