@@ -171,3 +171,46 @@ describe('a pipe target whose reader goes away: killed by SIGPIPE, as cat and nb
     expect(r.status).toBe(1);
   });
 });
+
+describe('--progress=FD: the launcher checks the descriptor before Node starts', () => {
+  // closed explicitly (N>&-) so that nothing the test runner inherited counts
+  it.each(['3', '5', '7', '8', '9', '12', '16', '0016', 'json:7', 'json:3'])('--progress=%s, not open: one line, exit 1', async (v) => {
+    const fd = Number(v.replace('json:', ''));
+    const src = sourceFile(`progress-${v.replace(':', '-')}.img`);
+    const out = path.join(dir, `progress-${v.replace(':', '-')}.out`);
+    fails(await cli([], { shell: `"$NBDSTREAM" --progress=${v} '${src.file}' '${out}' ${fd}>&-` }), `--progress=${v}: file descriptor ${fd} is not open`);
+    expect(fs.existsSync(out)).toBe(false);
+  });
+
+  it('open for reading only: one line, exit 1', async () => {
+    const src = sourceFile('progress-ro.img');
+    fails(await cli([], { shell: `"$NBDSTREAM" --progress=3 '${src.file}' null: 3</dev/null` }), '--progress=3: file descriptor 3 is open for reading only');
+    fails(await cli([], { shell: `"$NBDSTREAM" --progress=json:9 '${src.file}' null: 9</dev/null` }), '--progress=json:9: file descriptor 9 is open for reading only');
+  });
+
+  it('an FD opened by the caller (a pipe on fd 3, and on fd 5) gets N/100 lines ending in 100/100', async () => {
+    const src = await kit('pattern', [`${16 * MiB}`], { readOnly: true });
+    for (const fd of [3, 5]) {
+      const stdio: Array<'ignore' | 'pipe'> = ['ignore', 'pipe', 'pipe', 'ignore', 'ignore', 'ignore'].slice(0, fd + 1) as Array<'ignore' | 'pipe'>;
+      stdio[fd] = 'pipe';
+      const p = spawn(CLI, ['--synchronous', `--progress=${fd}`, src.uri, 'null:'], { stdio });
+      let progress = '';
+      let stderr = '';
+      (p.stdio[fd] as NodeJS.ReadableStream).on('data', (d) => (progress += d));
+      p.stderr!.on('data', (d) => (stderr += d));
+      const status = await new Promise((resolve) => p.on('close', resolve));
+      expect({ status, stderr }).toEqual({ status: 0, stderr: '' });
+      const lines = progress.split('\n');
+      expect(lines.pop()).toBe('');
+      for (const l of lines) expect(l).toMatch(/^\d+\/100$/);
+      expect(lines[lines.length - 1]).toBe('100/100');
+    }
+  });
+
+  it('inside [ CMD ], "--progress=N" belongs to the command', async () => {
+    const src = sourceFile('progress-group.img');
+    const r = await cli([], { shell: `"$NBDSTREAM" [ sh -c 'exec nbdkit -r file "$0"' '${src.file}' --progress=7 ] null: 7>&-` });
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+  });
+});
