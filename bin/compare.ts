@@ -13,6 +13,7 @@
 import yargs from 'yargs';
 import { compare } from '../lib/compare.js';
 import { NbdStreamError } from '../lib/errors.js';
+import { parseSize as parseSizeText } from '../lib/size.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import { formatHelp, helpWidth, optionNames, unknownOptions, wantsHelp, type HelpText } from './usage.js';
@@ -25,9 +26,11 @@ function fail(message: string): never {
 }
 
 function parseSize(name: string, v: unknown): number {
-  const m = /^(\d+)([kKmMgG]?)$/.exec(String(v));
-  if (!m) fail(`--${name}: expected a size like 262144, 256K or 1M, not "${String(v)}"`);
-  return Number(m[1]) * { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 }[m[2].toLowerCase() as '' | 'k' | 'm' | 'g'];
+  try {
+    return parseSizeText(String(v), `--${name}`);
+  } catch (err) {
+    fail((err as Error).message);
+  }
 }
 
 function parseCount(name: string, v: unknown): number {

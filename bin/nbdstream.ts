@@ -17,6 +17,7 @@ import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/
 import { describeSpec } from '../lib/endpoints/open.js';
 import { deferExtraCaCerts } from '../lib/nbd/tls.js';
 import { formatHelp, helpWidth, optionNames, terminalWidth, unknownOptions, wantsHelp, type HelpText } from './usage.js';
+import { parseSize as parseSizeText } from '../lib/size.js';
 
 const pkg = { version: packageVersion() };
 
@@ -25,12 +26,27 @@ function fail(message: string): never {
   process.exit(1);
 }
 
-/** "64K", "1M", "2G" or plain bytes. */
+/**
+ * The reader of a pipe target has gone (`nbdstream SRC - | head`): end as cat and nbdcopy do in a
+ * pipeline, silently, killed by SIGPIPE (status 141 in the shell). Node ignores SIGPIPE; a listener
+ * added and removed puts the default action back. Called after copy() has closed the endpoints.
+ */
+function dieOfSigpipe(): never {
+  const noop = () => undefined;
+  process.on('SIGPIPE', noop);
+  process.off('SIGPIPE', noop);
+  process.kill(process.pid, 'SIGPIPE');
+  // the signal is delivered before kill() returns; if it was somehow blocked, fail as before
+  return fail('write failed: EPIPE');
+}
+
+/** A size option (lib/size.ts: "65536", "64K", "64MiB" ...). */
 function parseSize(name: string, v: unknown): number {
-  const m = /^(\d+)([kKmMgG]?)$/.exec(String(v));
-  if (!m) fail(`--${name}: expected a size like 262144, 256K or 1M, not "${String(v)}"`);
-  const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 }[m[2].toLowerCase() as '' | 'k' | 'm' | 'g'];
-  return Number(m[1]) * mult;
+  try {
+    return parseSizeText(String(v), `--${name}`);
+  } catch (err) {
+    fail((err as Error).message);
+  }
 }
 
 function parseSeconds(v: unknown): number {
@@ -229,7 +245,7 @@ async function main(): Promise<void> {
     ...(isPipe(dst) ? { pipeFormat: pipeFormat as 'raw' | 'extents' | undefined } : { sourcePipeFormat: pipeFormat as 'raw' | 'extents' | undefined }),
     dirtyBitmap,
   };
-  if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || (options.sparse & (options.sparse - 1)) !== 0))
+  if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || !Number.isInteger(Math.log2(options.sparse))))
     fail(`--sparse: expected 0 or a power of two ≥ 512, not ${options.sparse}`);
 
   let lastPercent = -1;
@@ -273,6 +289,7 @@ async function main(): Promise<void> {
     jsonLines?.cancel();
     if (progress === '' && lastPercent >= 0) process.stderr.write('\n');
     const e = err instanceof NbdStreamError ? err : new NbdStreamError('ERR_IO', (err as Error)?.message ?? String(err));
+    if (e.code === 'ERR_BROKEN_PIPE') dieOfSigpipe();
     fail(e.describe());
   }
   if (!progressJson) report(100);

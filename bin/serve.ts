@@ -11,6 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import yargs from 'yargs';
 import { NbdStreamError } from '../lib/errors.js';
+import { parseSize } from '../lib/size.js';
 import { nodeChildProcess } from '../lib/builtins.js';
 import { NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
@@ -24,14 +25,6 @@ function usage(message: string): never {
   throw new UsageError(message);
 }
 
-/** "1G", "64K", "512" (bytes; K/M/G/T are powers of 1024). */
-function parseSize(v: unknown): number {
-  const m = /^(\d+)([kKmMgGtT]?)$/.exec(String(v));
-  if (!m) usage(`--size: expected a size like 1048576, 64M or 1G, not "${String(v)}"`);
-  const n = Number(m[1]) * 1024 ** ' kmgt'.indexOf((m[2] || ' ').toLowerCase());
-  if (!Number.isSafeInteger(n)) usage(`--size: ${String(v)} is too large`);
-  return n;
-}
 
 function describe(err: unknown): string {
   if (err instanceof NbdStreamError) return err.describe();
@@ -97,7 +90,7 @@ async function serve(args: string[]): Promise<number> {
   if (positional.length !== 1) usage(`expected one FILE, DEVICE or memory: to serve, got ${positional.length} (see --help)`);
   const spec = positional[0];
   const readOnly = argv['read-only'] ?? false;
-  const size = argv.size !== undefined ? parseSize(argv.size) : undefined;
+  const size = argv.size !== undefined ? parseSize(String(argv.size), '--size') : undefined;
   const exportName = argv.export ?? '';
   const verbose = argv.verbose ?? false;
 

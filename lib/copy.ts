@@ -9,7 +9,7 @@ import { availableParallelism } from 'node:os';
 import { pipelinePromise } from 'streamx';
 import { NbdStreamError, asNbdStreamError } from './errors.js';
 import { openEndpoint, type EndpointSpec } from './endpoints/open.js';
-import type { Endpoint } from './endpoints/endpoint.js';
+import { checkNotSource, type Endpoint } from './endpoints/endpoint.js';
 import { DEFAULT_QUEUE_SIZE, DEFAULT_READ_SIZE, DEFAULT_REQUEST_SIZE, ExtentSource } from './streams/extent-source.js';
 import { Sink } from './streams/sink.js';
 import { newStats, type CopyStats } from './streams/stats.js';
@@ -121,8 +121,12 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
       : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse });
     if (!isEndpoint(src)) opened.push(s);
     // a partial source (dirty bitmap, incremental extent stream) updates the target in place
-    const d = isEndpoint(dst) ? dst : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial });
+    // a target that is the source's file or device is refused as it opens, before it is truncated
+    const d = isEndpoint(dst)
+      ? dst
+      : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial, sourceIdentity: s.identity });
     if (!isEndpoint(dst)) opened.push(d);
+    checkNotSource(d.name, d.identity, s.identity);
     if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });
     if (s.size !== undefined && d.size !== undefined && d.size < s.size)
       throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${d.size} < ${s.size} bytes)`, { endpoint: d.name });

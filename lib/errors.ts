@@ -18,6 +18,8 @@ export type ErrorCode =
   | 'ERR_TIMEOUT'
   | 'ERR_IO' // local file or device error
   | 'ERR_TARGET_TOO_SMALL'
+  | 'ERR_SAME_FILE' // the target is the source's file or block device
+  | 'ERR_BROKEN_PIPE' // a pipe target's reader has gone (EPIPE)
   | 'ERR_VERIFY'; // --verify: the target does not read back as the source
 
 export interface ErrorDetails {

@@ -251,7 +251,7 @@ export async function startActivated(argv: string[], opts: StartActivatedOptions
     };
     const timeoutMs = opts.timeoutMs ?? 60_000;
     const timer = setTimeout(
-      () => finish(new NbdStreamError('ERR_TIMEOUT', `command "${cmd}" did not answer on its socket within ${timeoutMs} ms`, { endpoint })),
+      () => finish(new NbdStreamError('ERR_TIMEOUT', `command "${cmd}" did not answer on its socket within ${timeoutMs / 1000} s`, { endpoint })),
       timeoutMs,
     );
     void exited.then(() => finish(exitError()));

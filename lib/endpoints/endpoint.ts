@@ -71,6 +71,11 @@ export interface ZeroOptions {
 export interface Endpoint {
   /** Name for messages and errors: the URI, path or "-". */
   readonly name: string;
+  /**
+   * The regular file or block device under the endpoint (fileIdentity()), when there is one:
+   * two endpoints with the same identity are the same storage.
+   */
+  readonly identity?: string;
   /** Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. */
   readonly size: number | undefined;
   readonly capabilities: Capabilities;
@@ -135,6 +140,11 @@ export interface OpenOptions {
   /** NBD source: also negotiate qemu:dirty-bitmap:NAME and describe only its dirty ranges. */
   dirtyBitmap?: string;
   /**
+   * Target: the source's identity (Endpoint.identity). A target that is the same file or block
+   * device is refused with ERR_SAME_FILE before it is truncated or written.
+   */
+  sourceIdentity?: string;
+  /**
    * Target: keep what is there (the source is partial): files are opened without truncation and
    * must exist and be large enough; a pipe target must use the extents format.
    */
@@ -155,6 +165,33 @@ export async function writeZeroes(ep: Pick<Endpoint, 'write'>, offset: number, l
 /** Generic extents fallback: everything is data. */
 export function denseExtents(offset: number, length: number): ExtentRun[] {
   return length > 0 ? [{ offset, length, zero: false }] : [];
+}
+
+/** The stat fields fileIdentity() needs (fs.Stats or fs.BigIntStats). */
+export interface StatLike {
+  dev: number | bigint;
+  ino: number | bigint;
+  rdev: number | bigint;
+  isFile(): boolean;
+  isBlockDevice(): boolean;
+}
+
+/**
+ * What makes two opens the same storage: device and inode of a regular file (so symlinks, hard
+ * links and /dev/fd/N match), the device number of a block device (so two device nodes of one
+ * disk match); undefined for anything else (pipes, terminals, /dev/null are not overwritten).
+ */
+export function fileIdentity(st: StatLike): string | undefined {
+  if (st.isFile()) return `file ${st.dev}:${st.ino}`;
+  if (st.isBlockDevice()) return `block ${st.rdev}`;
+  return undefined;
+}
+
+/** Refuse a target that is the source's storage (it would be emptied or overwritten by itself). */
+export function checkNotSource(target: string, identity: string | undefined, sourceIdentity: string | undefined): void {
+  if (identity === undefined || identity !== sourceIdentity) return;
+  const what = identity.startsWith('block') ? 'block device' : 'file';
+  throw new NbdStreamError('ERR_SAME_FILE', `is the same ${what} as the source: refusing to copy it onto itself`, { endpoint: target });
 }
 
 export function readOnlyError(name: string, offset?: number): NbdStreamError {

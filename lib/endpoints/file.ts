@@ -20,7 +20,9 @@ import { nodeFsPromises } from '../builtins.js';
 import { NbdStreamError } from '../errors.js';
 import { blkGetSize64, blkZeroOut, fileExtents, isNotSupported, native, punchHole, zeroRange } from '../native.js';
 import {
+  checkNotSource,
   denseExtents,
+  fileIdentity,
   readOnlyError,
   writeZeroes,
   type Capabilities,
@@ -100,6 +102,7 @@ export class FileEndpoint implements Endpoint {
   readonly name: string;
   readonly kind: FileKind;
   readonly capabilities: Capabilities;
+  identity: string | undefined;
   private readonly fd: number;
   private readonly mode: OpenMode;
   private _size: number | undefined;
@@ -355,6 +358,8 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
 
   try {
     const st = await fsFstat(fd);
+    const identity = fileIdentity(st);
+    if (mode === 'target') checkNotSource(path, identity, opts.sourceIdentity); // before any truncate or write
     const blksize = Number(st.blksize);
     if (st.isBlockDevice()) {
       let size: number;
@@ -366,19 +371,19 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
       if (mode === 'target' && sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return new FileEndpoint(fd, path, mode, 'block', size, blksize, false);
+      return withIdentity(new FileEndpoint(fd, path, mode, 'block', size, blksize, false), identity);
     }
     if (!st.isFile()) {
       const what = st.isDirectory() ? 'cannot open: EISDIR is a directory' : 'not a regular file or block device (use it as a pipe)';
       throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
     }
-    if (mode === 'source') return new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false);
+    if (mode === 'source') return withIdentity(new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false), identity);
     if (update) {
       const size = Number(st.size);
       if (sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return new FileEndpoint(fd, path, mode, 'file', size, blksize, false);
+      return withIdentity(new FileEndpoint(fd, path, mode, 'file', size, blksize, false), identity);
     }
 
     // Regular-file target: drop old contents so it is all hole, then extend to the source size.
@@ -388,11 +393,16 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
     } catch (err) {
       throw ioError('truncate', err, path);
     }
-    return new FileEndpoint(fd, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined);
+    return withIdentity(new FileEndpoint(fd, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined), identity);
   } catch (err) {
     await fsClose(fd).catch(() => undefined);
     throw err instanceof NbdStreamError ? err : ioError('open', err, path);
   }
+}
+
+function withIdentity(ep: FileEndpoint, identity: string | undefined): FileEndpoint {
+  ep.identity = identity;
+  return ep;
 }
 
 function openError(path: string, mode: OpenMode, err: unknown): NbdStreamError {

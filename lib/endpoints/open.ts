@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import { promisify } from 'node:util';
 import { NbdStreamError } from '../errors.js';
 import { isNbdUri } from '../nbd/uri.js';
-import type { Endpoint, OpenMode, OpenOptions } from './endpoint.js';
+import { checkNotSource, fileIdentity, type Endpoint, type OpenMode, type OpenOptions } from './endpoint.js';
 // Endpoint kinds are loaded when used: a copy pays start-up time only for the kinds it opens.
 
 /** A URI, path, "-", "null:", or the argv of a server command to socket-activate. */
@@ -24,7 +24,8 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
   if (Array.isArray(spec)) {
     const name = describeSpec(spec);
     const [{ startActivated }, { openNbd }] = await Promise.all([import('./command.js'), import('./nbd.js')]);
-    const server = await startActivated(spec, { name });
+    // --timeout also bounds the wait for the command's server to answer (default 60 s)
+    const server = await startActivated(spec, { name, timeoutMs: opts.timeout !== undefined ? opts.timeout * 1000 : undefined });
     try {
       return await openNbd(server.uri, opts, name, () => server.stop());
     } catch (err) {
@@ -42,8 +43,17 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
     throw new NbdStreamError('ERR_USAGE', `--dirty-bitmap needs an NBD source (qemu:dirty-bitmap:${opts.dirtyBitmap}), not ${spec === '-' ? 'a pipe' : 'a file'}`, { endpoint: spec });
   const pipeOpts = { format: opts.pipeFormat, size: opts.sourceSize, update: opts.update };
   if (spec === '-') {
-    const { openPipe } = await import('./pipe.js');
-    return mode === 'source' ? openPipe(0, '-', 'source', pipeOpts) : openPipe(1, '-', 'target', pipeOpts);
+    // stdin or stdout may be a regular file or device (`< s.img`, `1<> s.img`): it has an identity
+    const fd = mode === 'source' ? 0 : 1;
+    let identity: string | undefined;
+    try {
+      identity = fileIdentity(fs.fstatSync(fd));
+    } catch {
+      identity = undefined; // closed: the pipe endpoint reports it
+    }
+    if (mode === 'target') checkNotSource(spec, identity, opts.sourceIdentity);
+    const ep = await (await import('./pipe.js')).openPipe(fd, '-', mode, pipeOpts);
+    return identity === undefined ? ep : Object.assign(ep, { identity });
   }
   let st: fs.Stats | undefined;
   try {

@@ -14,7 +14,8 @@
  *    never builds a big queue.
  *  - close(): a target waits for every queued write, then ends the stream; process.stdout/stderr
  *    (and fds 0-2) are never ended or closed, only drained. A source stops reading.
- *  - Stream errors become ERR_IO "read failed: ..." / "write failed: EPIPE ..."; after one, every
+ *  - Stream errors become ERR_IO "read failed: ..." / "write failed: ..." (ERR_BROKEN_PIPE for
+ *    EPIPE: the reader has gone); after one, every
  *    later call fails with the same error.
  */
 import { createReadStream, createWriteStream, fstatSync } from 'node:fs';
@@ -41,7 +42,9 @@ let zeroPiece: Buffer | undefined;
 
 export function pipeError(op: string, err: unknown, endpoint: string, offset?: number): NbdStreamError {
   if (err instanceof NbdStreamError) return err;
-  return new NbdStreamError('ERR_IO', `${op} failed: ${errnoText(err)}`, { endpoint, offset, cause: err });
+  // EPIPE: the reader closed its end (`| head`); cat and nbdcopy die of SIGPIPE there (bin/ does too)
+  const code = (err as NodeJS.ErrnoException | undefined)?.code === 'EPIPE' ? 'ERR_BROKEN_PIPE' : 'ERR_IO';
+  return new NbdStreamError(code, `${op} failed: ${errnoText(err)}`, { endpoint, offset, cause: err });
 }
 
 function checkRange(name: string, offset: number, length: number): void {

@@ -151,7 +151,7 @@ describe('startActivated (socket activation, [ CMD ARGS ])', () => {
   it('times out on a command that never answers, and kills it', async () => {
     const e = await startError(['sleep', '30'], { timeoutMs: 300 });
     expect(e.code).toBe('ERR_TIMEOUT');
-    expect(e.message).toBe('command "sleep" did not answer on its socket within 300 ms');
+    expect(e.message).toBe('command "sleep" did not answer on its socket within 0.3 s');
   });
 
   it('failure() explains a server that died after starting', async () => {

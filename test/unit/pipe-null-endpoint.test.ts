@@ -206,7 +206,7 @@ describe('pipe target', () => {
     expect((await rejection(ep.write(20, Buffer.alloc(1)))).code).toBe('ERR_USAGE');
   });
 
-  it('a reader that goes away: ERR_IO "write failed: EPIPE"', async () => {
+  it('a reader that goes away: ERR_BROKEN_PIPE "write failed: EPIPE"', async () => {
     const fifo = mkfifo();
     const child = spawn('sh', ['-c', 'head -c 10 < "$1" > /dev/null', 'sh', fifo], { stdio: 'ignore' });
     const ep = await openPipe(await openFd(fifo, 'w'), fifo, 'target');
@@ -218,11 +218,11 @@ describe('pipe target', () => {
     expect(failed.length).toBeGreaterThan(0);
     const e = (failed[0] as PromiseRejectedResult).reason as NbdStreamError;
     expect(e).toBeInstanceOf(NbdStreamError);
-    expect(e.code).toBe('ERR_IO');
+    expect(e.code).toBe('ERR_BROKEN_PIPE');
     expect(e.message).toMatch(/^write failed: EPIPE/);
     expect(e.endpoint).toBe(fifo);
     // Later calls fail the same way; close() tidies up without throwing again.
-    expect((await rejection(ep.write(64 * MiB, chunk))).code).toBe('ERR_IO');
+    expect((await rejection(ep.write(64 * MiB, chunk))).code).toBe('ERR_BROKEN_PIPE');
     await ep.close();
     await exited(child);
   });
