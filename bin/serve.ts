@@ -9,10 +9,11 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as tty from 'node:tty';
 import yargs from 'yargs';
 import { NbdStreamError } from '../lib/errors.js';
 import { nodeChildProcess } from '../lib/builtins.js';
-import { NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
+import { DEFAULT_HANDSHAKE_LIMIT_MS, MAX_TIMER_MS, NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
 import { NBD_DEFAULT_PORT } from '../lib/nbd/protocol.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
@@ -32,6 +33,23 @@ function parseSize(v: unknown): number {
   return n;
 }
 
+/**
+ * Print a line on stderr with a plain write(2). `serve` shares its stdout and stderr with other
+ * writers (`( nbdstream serve … & nbdcopy … - ) | …`), and using process.stdout or
+ * process.stderr on a pipe makes Node set O_NONBLOCK on it, so that the other writers fail with
+ * EAGAIN: serve leaves both alone (--help, printed by yargs, is the exception).
+ */
+function printErr(line: string): void {
+  const b = Buffer.from(`nbdstream serve: ${line}\n`);
+  for (let pos = 0; pos < b.length; ) {
+    try {
+      pos += fs.writeSync(2, b, pos);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') return; // another writer made it non-blocking: retry
+    }
+  }
+}
+
 function describe(err: unknown): string {
   if (err instanceof NbdStreamError) return err.describe();
   return (err as Error)?.message ?? String(err);
@@ -41,7 +59,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     return await serve(args);
   } catch (err) {
-    process.stderr.write(`nbdstream serve: ${describe(err)}\n`);
+    printErr(describe(err));
     return 1;
   }
 }
@@ -68,12 +86,13 @@ async function serve(args: string[]): Promise<number> {
     .option('tls-psk', { type: 'string', describe: 'psktool key file (user:hexkey lines)' })
     .option('tls-certificates', { type: 'string', describe: 'Directory with server-cert.pem, server-key.pem, ca-cert.pem' })
     .option('tls-verify-peer', { type: 'boolean', describe: 'Require a client certificate signed by ca-cert.pem' })
+    .option('handshake-limit', { type: 'string', describe: `Disconnect clients that have not finished the handshake after SECONDS (default ${DEFAULT_HANDSHAKE_LIMIT_MS / 1000}; 0: no limit)` })
     .option('run', { type: 'string', describe: 'Run this shell command with $uri set, then exit with its status' })
     .option('verbose', { alias: 'v', type: 'boolean', describe: 'Log connections and client errors to stderr' })
     .help('help')
     .version(false)
     .strictOptions()
-    .wrap(Math.min(100, process.stdout.columns || 100))
+    .wrap(Math.min(100, (tty.isatty(1) && process.stdout.columns) || 100))
     .fail((msg, err) => {
       if (err) throw err;
       const unknown = /^Unknown arguments?: (.*)/.exec(msg);
@@ -92,6 +111,13 @@ async function serve(args: string[]): Promise<number> {
   const size = argv.size !== undefined ? parseSize(argv.size) : undefined;
   const exportName = argv.export ?? '';
   const verbose = argv.verbose ?? false;
+  let handshakeLimitMs: number | undefined;
+  if (argv['handshake-limit'] !== undefined) {
+    const v = argv['handshake-limit'];
+    if (!/^\d+(\.\d+)?$/.test(v)) usage(`--handshake-limit: expected a number of seconds, not "${v}"`);
+    handshakeLimitMs = Math.round(Number(v) * 1000);
+    if (handshakeLimitMs > MAX_TIMER_MS) usage(`--handshake-limit: ${v} is too long (at most ${Math.floor(MAX_TIMER_MS / 1000)} seconds)`);
+  }
 
   // TLS
   const pskFile = argv['tls-psk'];
@@ -134,9 +160,9 @@ async function serve(args: string[]): Promise<number> {
   };
   try {
     endpoint = await openServedEndpoint(spec, { readOnly, size });
-    server = new NbdServer([{ name: exportName, endpoint, description: argv.description, readOnly }], { tls });
+    server = new NbdServer([{ name: exportName, endpoint, description: argv.description, readOnly }], { tls, handshakeLimitMs });
     // The default export '' reaches a named export too (as nbdkit serves any name).
-    const log = (m: string) => process.stderr.write(`nbdstream serve: ${m}\n`);
+    const log = printErr;
     if (verbose) {
       server.on('connection', (id: number) => log(`client ${id} connected`));
       server.on('disconnect', (id: number) => log(`client ${id} disconnected`));
