@@ -4,7 +4,8 @@
  * inherited by socket activation (LISTEN_FDS=1, LISTEN_PID = our pid: fd 3), so that
  * `nbdstream -- [ nbdstream serve disk.img ] out.img` works. With --run CMD it runs CMD via sh
  * with $uri (and $unixsocket / $port, $exportname) set, like nbdkit --run, and exits with its
- * status; otherwise it serves until SIGTERM or SIGINT.
+ * status; otherwise it serves until SIGTERM or SIGINT. Under socket activation (and with
+ * --exit-with-parent) the parent's exit is a SIGTERM too (prctl PR_SET_PDEATHSIG, as nbdkit).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -16,6 +17,7 @@ import { nodeChildProcess } from '../lib/builtins.js';
 import { DEFAULT_HANDSHAKE_LIMIT_MS, MAX_TIMER_MS, NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
 import { NBD_DEFAULT_PORT } from '../lib/nbd/protocol.js';
+import { setParentDeathSignal } from '../lib/native.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
 
 class UsageError extends Error {}
@@ -87,6 +89,7 @@ async function serve(args: string[]): Promise<number> {
     .option('tls-certificates', { type: 'string', describe: 'Directory with server-cert.pem, server-key.pem, ca-cert.pem' })
     .option('tls-verify-peer', { type: 'boolean', describe: 'Require a client certificate signed by ca-cert.pem' })
     .option('handshake-limit', { type: 'string', describe: `Disconnect clients that have not finished the handshake after SECONDS (default ${DEFAULT_HANDSHAKE_LIMIT_MS / 1000}; 0: no limit)` })
+    .option('exit-with-parent', { type: 'boolean', describe: 'Exit when the parent process exits (always under socket activation)' })
     .option('run', { type: 'string', describe: 'Run this shell command with $uri set, then exit with its status' })
     .option('verbose', { alias: 'v', type: 'boolean', describe: 'Log connections and client errors to stderr' })
     .help('help')
@@ -133,7 +136,8 @@ async function serve(args: string[]): Promise<number> {
 
   // Where to listen
   const activated = NbdServer.activationFd();
-  for (const k of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[k];
+  const parent = launcherParent();
+  for (const k of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES', 'NBDSTREAM_PARENT']) delete process.env[k];
   if (activated !== undefined && (argv.socket !== undefined || argv.port !== undefined)) usage('--socket and --port cannot be used under socket activation (LISTEN_FDS)');
   if (argv.socket !== undefined && argv.port !== undefined) usage('give either --socket or --port, not both');
   if (argv.bind !== undefined && argv.socket !== undefined) usage('--bind applies to TCP (--port), not to --socket');
@@ -150,6 +154,12 @@ async function serve(args: string[]): Promise<number> {
     tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-serve-'));
     listen = { path: path.join(tmpDir, 'sock') };
   } else listen = { port: port ?? NBD_DEFAULT_PORT, host: argv.bind };
+
+  // From here on SIGTERM/SIGINT end serving cleanly, also while starting (then right after).
+  let stopping = false;
+  const signalled = untilSignal().then((status) => ((stopping = true), status));
+  // As nbdkit: a socket-activated server belongs to the process that started it.
+  if (activated !== undefined || argv['exit-with-parent']) setParentDeathSignal('SIGTERM', parent);
 
   let endpoint: Endpoint | undefined;
   let server: NbdServer | undefined;
@@ -172,21 +182,23 @@ async function serve(args: string[]): Promise<number> {
     const uri = listen.fd === undefined ? server.uri : undefined;
     if (verbose) log(`serving ${spec} (${endpoint.size} bytes${readOnly ? ', read-only' : ''}) at ${uri ?? `fd ${listen.fd}`}`);
 
-    const status = argv.run !== undefined ? await runCommand(argv.run, server, listen, exportName) : await untilSignal();
+    const status = argv.run !== undefined && !stopping ? await runCommand(argv.run, server, listen, exportName) : await signalled;
     return status;
   } finally {
     await cleanup();
   }
 }
 
-/** Resolve with 0 on SIGTERM or SIGINT. */
+/** Our parent's pid as the launcher bin/nbdstream saw it before Node started (NBDSTREAM_PARENT "PID PPID", if PID is us). */
+function launcherParent(): number | undefined {
+  const [self, parent] = (process.env.NBDSTREAM_PARENT ?? '').split(' ');
+  return self === String(process.pid) && /^\d+$/.test(parent ?? '') ? Number(parent) : undefined;
+}
+
+/** Resolve with 0 on SIGTERM or SIGINT; later ones are ignored (serve is exiting). */
 function untilSignal(): Promise<number> {
   return new Promise((resolve) => {
-    const done = () => {
-      process.off('SIGTERM', done);
-      process.off('SIGINT', done);
-      resolve(0);
-    };
+    const done = () => resolve(0);
     process.on('SIGTERM', done);
     process.on('SIGINT', done);
   });
