@@ -27,11 +27,14 @@ const lazyStringWidth = {
     return out === code ? null : `${out}\n${LAZY_REGEXP}`;
   },
 };
-// Two start-up costs of yargs that nbdstream does not need:
+// Two start-up costs of yargs that nbdstream does not need, and one side effect:
 // - its platform shim imports node:assert (3-4 ms: a dozen internal modules) for two invariant
 //   checks; the same checks, written out, throw ERR_ASSERTION errors;
 // - every instance guesses a default --version by reading package.json files upwards from the
-//   current directory (a readdir per level); nbdstream's commands all set .version() themselves.
+//   current directory (a readdir per level); nbdstream's commands all set .version() themselves;
+// - its platform shim reads process.stdout.columns when loaded, which creates Node's stdout
+//   stream: on a pipe that sets O_NONBLOCK on the pipe, shared with whatever else writes to it
+//   (`( nbdstream serve … & nbdcopy … - ) | …` then fails with EAGAIN). Read it when asked.
 const ASSERT_CHECKS = `const assertionError = (message) => Object.assign(new Error(message), { code: 'ERR_ASSERTION' });
 const notStrictEqual = (actual, expected, message) => {
   if (Object.is(actual, expected)) throw assertionError(message ?? 'Expected values to be strictly unequal: ' + String(actual));
@@ -41,16 +44,25 @@ const strictEqual = (actual, expected, message) => {
 };`;
 const YARGS_EDITS = [
   { file: /[\\/]yargs[\\/]lib[\\/]platform-shims[\\/]esm\.mjs$/, from: "import { notStrictEqual, strictEqual } from 'assert'", to: ASSERT_CHECKS },
+  {
+    file: /[\\/]yargs[\\/]lib[\\/]platform-shims[\\/]esm\.mjs$/,
+    from: "stdColumns: typeof process.stdout.columns !== 'undefined' ? process.stdout.columns : null",
+    to: "get stdColumns() { return typeof process.stdout.columns !== 'undefined' ? process.stdout.columns : null; }",
+  },
   { file: /[\\/]yargs[\\/]build[\\/]lib[\\/]yargs-factory\.js$/, from: '        yargs.version();\n', to: '        yargs.version(false);\n' },
 ];
 const yargsStartUp = {
   name: 'yargs-start-up',
   transform(code, id) {
-    const edit = YARGS_EDITS.find((e) => e.file.test(id));
-    if (!edit) return null;
-    const out = code.replace(edit.from, edit.to);
-    // a yargs update that moved the code fails the build rather than silently undoing this
-    if (out === code) throw new Error(`yargs-start-up: ${JSON.stringify(edit.from)} not found in ${id}`);
+    const edits = YARGS_EDITS.filter((e) => e.file.test(id));
+    if (!edits.length) return null;
+    let out = code;
+    for (const edit of edits) {
+      const next = out.replace(edit.from, edit.to);
+      // a yargs update that moved the code fails the build rather than silently undoing this
+      if (next === out) throw new Error(`yargs-start-up: ${JSON.stringify(edit.from)} not found in ${id}`);
+      out = next;
+    }
     return out;
   },
 };

@@ -4,18 +4,21 @@
  * inherited by socket activation (LISTEN_FDS=1, LISTEN_PID = our pid: fd 3), so that
  * `nbdstream -- [ nbdstream serve disk.img ] out.img` works. With --run CMD it runs CMD via sh
  * with $uri (and $unixsocket / $port, $exportname) set, like nbdkit --run, and exits with its
- * status; otherwise it serves until SIGTERM or SIGINT.
+ * status; otherwise it serves until SIGTERM or SIGINT. Under socket activation (and with
+ * --exit-with-parent) the parent's exit is a SIGTERM too (prctl PR_SET_PDEATHSIG, as nbdkit).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as tty from 'node:tty';
 import yargs from 'yargs';
 import { NbdStreamError } from '../lib/errors.js';
 import { parseSize } from '../lib/size.js';
 import { nodeChildProcess } from '../lib/builtins.js';
-import { NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
+import { DEFAULT_HANDSHAKE_LIMIT_MS, MAX_TIMER_MS, NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
 import { NBD_DEFAULT_PORT } from '../lib/nbd/protocol.js';
+import { setParentDeathSignal } from '../lib/native.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
 import { formatHelp, helpWidth, optionNames, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 
@@ -26,6 +29,23 @@ function usage(message: string): never {
 }
 
 
+/**
+ * Print a line on stderr with a plain write(2). `serve` shares its stdout and stderr with other
+ * writers (`( nbdstream serve … & nbdcopy … - ) | …`), and using process.stdout or
+ * process.stderr on a pipe makes Node set O_NONBLOCK on it, so that the other writers fail with
+ * EAGAIN: serve leaves both alone (--help, printed by yargs, is the exception).
+ */
+function printErr(line: string): void {
+  const b = Buffer.from(`nbdstream serve: ${line}\n`);
+  for (let pos = 0; pos < b.length; ) {
+    try {
+      pos += fs.writeSync(2, b, pos);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') return; // another writer made it non-blocking: retry
+    }
+  }
+}
+
 function describe(err: unknown): string {
   if (err instanceof NbdStreamError) return err.describe();
   return (err as Error)?.message ?? String(err);
@@ -35,7 +55,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     return await serve(args);
   } catch (err) {
-    process.stderr.write(`nbdstream serve: ${describe(err)}\n`);
+    printErr(describe(err));
     return 1;
   }
 }
@@ -53,6 +73,8 @@ const OPTIONS = {
   'tls-psk': { type: 'string', describe: 'psktool key file (user:hexkey lines)' },
   'tls-certificates': { type: 'string', describe: 'Directory with server-cert.pem, server-key.pem, ca-cert.pem' },
   'tls-verify-peer': { type: 'boolean', describe: 'Require a client certificate signed by ca-cert.pem' },
+  'handshake-limit': { type: 'string', value: 'number', describe: `Disconnect clients that have not finished the handshake after SECONDS (default ${DEFAULT_HANDSHAKE_LIMIT_MS / 1000}; 0: no limit)` },
+  'exit-with-parent': { type: 'boolean', describe: 'Exit when the parent process exits (always under socket activation)' },
   run: { type: 'string', describe: 'Run this shell command with $uri set, then exit with its status' },
   verbose: { alias: 'v', type: 'boolean', describe: 'Log connections and client errors to stderr' },
 } as const;
@@ -93,6 +115,13 @@ async function serve(args: string[]): Promise<number> {
   const size = argv.size !== undefined ? parseSize(String(argv.size), '--size') : undefined;
   const exportName = argv.export ?? '';
   const verbose = argv.verbose ?? false;
+  let handshakeLimitMs: number | undefined;
+  if (argv['handshake-limit'] !== undefined) {
+    const v = argv['handshake-limit'];
+    if (!/^\d+(\.\d+)?$/.test(v)) usage(`--handshake-limit: expected a number of seconds, not "${v}"`);
+    handshakeLimitMs = Math.round(Number(v) * 1000);
+    if (handshakeLimitMs > MAX_TIMER_MS) usage(`--handshake-limit: ${v} is too long (at most ${Math.floor(MAX_TIMER_MS / 1000)} seconds)`);
+  }
 
   // TLS
   const pskFile = argv['tls-psk'];
@@ -108,7 +137,8 @@ async function serve(args: string[]): Promise<number> {
 
   // Where to listen
   const activated = NbdServer.activationFd();
-  for (const k of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[k];
+  const parent = launcherParent();
+  for (const k of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES', 'NBDSTREAM_PARENT']) delete process.env[k];
   if (activated !== undefined && (argv.socket !== undefined || argv.port !== undefined)) usage('--socket and --port cannot be used under socket activation (LISTEN_FDS)');
   if (argv.socket !== undefined && argv.port !== undefined) usage('give either --socket or --port, not both');
   if (argv.bind !== undefined && argv.socket !== undefined) usage('--bind applies to TCP (--port), not to --socket');
@@ -126,6 +156,12 @@ async function serve(args: string[]): Promise<number> {
     listen = { path: path.join(tmpDir, 'sock') };
   } else listen = { port: port ?? NBD_DEFAULT_PORT, host: argv.bind };
 
+  // From here on SIGTERM/SIGINT end serving cleanly, also while starting (then right after).
+  let stopping = false;
+  const signalled = untilSignal().then((status) => ((stopping = true), status));
+  // As nbdkit: a socket-activated server belongs to the process that started it.
+  if (activated !== undefined || argv['exit-with-parent']) setParentDeathSignal('SIGTERM', parent);
+
   let endpoint: Endpoint | undefined;
   let server: NbdServer | undefined;
   const cleanup = async () => {
@@ -135,9 +171,9 @@ async function serve(args: string[]): Promise<number> {
   };
   try {
     endpoint = await openServedEndpoint(spec, { readOnly, size });
-    server = new NbdServer([{ name: exportName, endpoint, description: argv.description, readOnly }], { tls });
+    server = new NbdServer([{ name: exportName, endpoint, description: argv.description, readOnly }], { tls, handshakeLimitMs });
     // The default export '' reaches a named export too (as nbdkit serves any name).
-    const log = (m: string) => process.stderr.write(`nbdstream serve: ${m}\n`);
+    const log = printErr;
     if (verbose) {
       server.on('connection', (id: number) => log(`client ${id} connected`));
       server.on('disconnect', (id: number) => log(`client ${id} disconnected`));
@@ -147,21 +183,23 @@ async function serve(args: string[]): Promise<number> {
     const uri = listen.fd === undefined ? server.uri : undefined;
     if (verbose) log(`serving ${spec} (${endpoint.size} bytes${readOnly ? ', read-only' : ''}) at ${uri ?? `fd ${listen.fd}`}`);
 
-    const status = argv.run !== undefined ? await runCommand(argv.run, server, listen, exportName) : await untilSignal();
+    const status = argv.run !== undefined && !stopping ? await runCommand(argv.run, server, listen, exportName) : await signalled;
     return status;
   } finally {
     await cleanup();
   }
 }
 
-/** Resolve with 0 on SIGTERM or SIGINT. */
+/** Our parent's pid as the launcher bin/nbdstream saw it before Node started (NBDSTREAM_PARENT "PID PPID", if PID is us). */
+function launcherParent(): number | undefined {
+  const [self, parent] = (process.env.NBDSTREAM_PARENT ?? '').split(' ');
+  return self === String(process.pid) && /^\d+$/.test(parent ?? '') ? Number(parent) : undefined;
+}
+
+/** Resolve with 0 on SIGTERM or SIGINT; later ones are ignored (serve is exiting). */
 function untilSignal(): Promise<number> {
   return new Promise((resolve) => {
-    const done = () => {
-      process.off('SIGTERM', done);
-      process.off('SIGINT', done);
-      resolve(0);
-    };
+    const done = () => resolve(0);
     process.on('SIGTERM', done);
     process.on('SIGINT', done);
   });

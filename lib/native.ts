@@ -10,6 +10,7 @@
  */
 
 import { createRequire } from 'node:module';
+import { constants } from 'node:os';
 import { join } from 'node:path';
 
 /** The raw addon. All calls are synchronous; offsets and lengths are integers in [0, 2^53). */
@@ -28,6 +29,8 @@ export interface NativeOps {
   blkDiscard(fd: number, offset: number, length: number): void;
   /** ioctl(BLKGETSIZE64): block device size in bytes. */
   blkGetSize64(fd: number): number;
+  /** prctl(PR_SET_PDEATHSIG): the kernel sends `signal` (a number) when the parent exits; 0: off. */
+  setParentDeathSignal(signal: number): void;
   /**
    * Socket reader thread (native/socket_reader.c): parse NBD replies on a connected socket fd
    * that JS no longer reads; read payloads go straight into buffers registered by readerExpect.
@@ -137,6 +140,32 @@ export function blkDiscard(fd: number, offset: number, length: number): void {
 export function blkGetSize64(fd: number): number {
   if (!native) throw unavailable('ioctl(BLKGETSIZE64)');
   return native.blkGetSize64(fd);
+}
+
+/**
+ * Have `signal` sent to this process when its parent exits: prctl(PR_SET_PDEATHSIG) with the
+ * addon; without it (or if prctl fails), process.ppid is polled every second and the signal sent
+ * with process.kill. A parent already gone (process.ppid is no longer `parentPid`) gets the
+ * signal sent at once. The caller handles the signal (process.on) to exit cleanly, and must
+ * expect it twice (a parent dying just as prctl is called is seen both ways).
+ */
+export function setParentDeathSignal(signal: NodeJS.Signals, parentPid = process.ppid): void {
+  const orphaned = () => process.ppid !== parentPid;
+  let byKernel = false;
+  try {
+    native?.setParentDeathSignal(constants.signals[signal]);
+    byKernel = native !== undefined;
+  } catch {
+    // polled below
+  }
+  if (orphaned()) return void process.kill(process.pid, signal); // the kernel would never tell
+  if (byKernel) return;
+  const poll = setInterval(() => {
+    if (!orphaned()) return;
+    clearInterval(poll);
+    process.kill(process.pid, signal);
+  }, 1000);
+  poll.unref();
 }
 
 /**

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -240,6 +241,24 @@ static napi_value BlkGetSize64(napi_env env, napi_callback_info info) {
   return make_number(env, (int64_t)size);
 }
 
+/*
+ * setParentDeathSignal(signal): prctl(PR_SET_PDEATHSIG): the kernel sends `signal` to this
+ * process when its parent (the thread that forked it) exits; 0 turns it off.
+ */
+static napi_value SetParentDeathSignal(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t sig;
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &sig) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "signal must be a number");
+    return NULL;
+  }
+  if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0) < 0)
+    return throw_errno(env, errno, "prctl(PR_SET_PDEATHSIG)");
+  return NULL;
+}
+
 static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -249,6 +268,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"blkZeroOut", NULL, BlkZeroOut, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blkDiscard", NULL, BlkDiscard, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blkGetSize64", NULL, BlkGetSize64, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setParentDeathSignal", NULL, SetParentDeathSignal, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   CHECK(socket_reader_init(env, exports));

@@ -335,6 +335,7 @@ export class ServerDecoder {
   private queued: Buffer[] = [];
   private queuedBytes = 0;
   private busy = false;
+  private paused = false;
 
   constructor(handler: ServerDecoderHandler, opts: ServerDecoderOptions = {}) {
     this.handler = handler;
@@ -372,12 +373,27 @@ export class ServerDecoder {
 
   /** Parse the next option (after answering the last one). */
   expectOption(): void {
-    this.resume(ST_OPTION_HEADER, 16);
+    this.continueWith(ST_OPTION_HEADER, 16);
   }
 
   /** Enter the transmission phase: parse requests. */
   expectRequests(): void {
-    this.resume(ST_REQUEST, NBD_REQUEST_SIZE);
+    this.continueWith(ST_REQUEST, NBD_REQUEST_SIZE);
+  }
+
+  /**
+   * Deliver nothing more until resume(), even from input already pushed (one chunk can hold
+   * thousands of requests). Takes effect after the request or option being delivered now.
+   */
+  pause(): void {
+    this.paused = true;
+  }
+
+  /** Deliver again, starting with the input held while paused. */
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.pump();
   }
 
   /** Take (and forget) the bytes queued while waiting: used before a TLS upgrade, where there must be none. */
@@ -402,7 +418,7 @@ export class ServerDecoder {
     this.handler.onProtocolError(protocolError(message));
   }
 
-  private resume(state: number, need: number): void {
+  private continueWith(state: number, need: number): void {
     if (this.state !== ST_WAIT) return; // only meaningful after an option
     this.state = state;
     this.need = need;
@@ -418,7 +434,7 @@ export class ServerDecoder {
     if (this.busy) return;
     this.busy = true;
     try {
-      while (this.queued.length && this.state !== ST_WAIT && this.state !== ST_STOPPED) {
+      while (this.queued.length && !this.paused && this.state !== ST_WAIT && this.state !== ST_STOPPED) {
         const c = this.queued.shift()!;
         this.queuedBytes -= c.length;
         const rest = this.consume(c);
@@ -434,10 +450,11 @@ export class ServerDecoder {
       this.fail(`client sent ${this.queuedBytes} bytes without waiting for the reply to its option`);
   }
 
-  /** Parse `chunk`; returns what is left unparsed when the decoder starts waiting. */
+  /** Parse `chunk`; returns what is left unparsed when the decoder starts waiting or is paused. */
   private consume(chunk: Buffer): Buffer | undefined {
     let pos = 0;
     while (pos < chunk.length) {
+      if (this.paused) return chunk.subarray(pos);
       switch (this.state) {
         case ST_WAIT:
           return chunk.subarray(pos);

@@ -13,6 +13,10 @@
  * concurrently and are answered as they finish (out of order); reading from a client pauses while
  * too many requests or bytes are in flight or its replies are not being read.
  *
+ * Bounds: one memory budget for queued replies covers all clients (server-budget.ts): while it is
+ * exceeded, clients holding part of it are not read from. A client that has not finished the
+ * handshake within `handshakeLimitMs` is disconnected.
+ *
  * Contracts:
  *  - Peer misbehaviour never throws out of the server: a client that breaks the protocol is
  *    disconnected and reported on the 'clientError' event (never 'error', which would crash an
@@ -108,6 +112,7 @@ import {
   type ServerDecoderHandler,
 } from './server-codec.js';
 import { ServerTls, type ServerTlsOptions } from './server-tls.js';
+import { ReplyBudget } from './server-budget.js';
 import { formatNbdUri } from './uri.js';
 import { nodeNet } from '../builtins.js';
 
@@ -217,7 +222,19 @@ export interface NbdServerOptions {
   maxRequests?: number;
   /** Payload bytes in flight per connection (writes received, replies queued) before it stops reading (default 64 MiB). */
   maxBytesInFlight?: number;
+  /**
+   * The same across all connections: the server's memory budget for queued replies (default
+   * 128 MiB). While it is exceeded, only clients holding none of it are read from.
+   */
+  maxQueuedBytes?: number;
+  /** Disconnect clients that have not finished the handshake after this long (ms; default 10000; 0: no limit). */
+  handshakeLimitMs?: number;
 }
+
+/** NbdServerOptions.handshakeLimitMs by default. */
+export const DEFAULT_HANDSHAKE_LIMIT_MS = 10_000;
+/** The longest delay setTimeout takes (2^31 − 1 ms); longer ones fire at once. */
+export const MAX_TIMER_MS = 0x7fff_ffff;
 
 export interface ListenOptions {
   /** Unix socket path. */
@@ -407,6 +424,9 @@ export class NbdServer extends EventEmitter {
   readonly tls: ServerTls | undefined;
   readonly maxRequests: number;
   readonly maxBytesInFlight: number;
+  readonly handshakeLimitMs: number;
+  /** @internal Bytes held for all clients (maxQueuedBytes). */
+  readonly budget: ReplyBudget;
   private readonly servers: net.Server[] = [];
   private readonly conns = new Set<Connection>();
   private nextId = 1;
@@ -428,6 +448,12 @@ export class NbdServer extends EventEmitter {
     this.faults = opts.faults ?? {};
     this.maxRequests = opts.maxRequests ?? 64;
     this.maxBytesInFlight = opts.maxBytesInFlight ?? 64 * 1024 * 1024;
+    this.handshakeLimitMs = opts.handshakeLimitMs ?? DEFAULT_HANDSHAKE_LIMIT_MS;
+    if (!(this.handshakeLimitMs >= 0 && this.handshakeLimitMs <= MAX_TIMER_MS)) throw new NbdStreamError('ERR_USAGE', `handshakeLimitMs must be 0 to ${MAX_TIMER_MS}, not ${this.handshakeLimitMs}`);
+    // Crossing the budget either way can pause or resume any client.
+    this.budget = new ReplyBudget(opts.maxQueuedBytes ?? 128 * 1024 * 1024, () => {
+      for (const c of this.conns) c.updateFlow();
+    });
   }
 
   /** The export for a client's name: exact match, and '' means the first export. */
@@ -549,15 +575,17 @@ class Connection implements ServerDecoderHandler {
   /** Meta contexts negotiated for the export in use (empty: none). */
   private contexts: MetaContext[] = [];
   private inFlight = 0;
-  private inFlightBytes = 0;
+  /** Bytes held for this client (its share of the server's ReplyBudget): reserved for requests being processed, and reply bytes the socket has not taken yet. */
+  private reserved = 0;
+  private unflushed = 0;
   private paused = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
   private disc = false;
   private sent = 0;
   private violationsSkipped = 0;
   private corked = false;
   private closedWaiters: Array<() => void> = [];
   private readonly onData = (chunk: Buffer) => this.decoder.push(chunk);
-  private readonly onDrain = () => this.updateFlow();
   /** The client half-closed: in transmission, finish what is in flight (as after NBD_CMD_DISC); else hang up. */
   private readonly onEnd = () => {
     if (this.phase !== 'transmission') return this.destroy();
@@ -582,7 +610,8 @@ class Connection implements ServerDecoderHandler {
     s.on('close', () => this.destroy());
     s.on('end', this.onEnd);
     s.on('data', this.onData);
-    s.on('drain', this.onDrain);
+    const limit = this.server.handshakeLimitMs;
+    if (limit > 0) this.handshakeTimer = setTimeout(() => this.handshakeExpired(limit), limit).unref();
     this.write(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
   }
 
@@ -600,6 +629,11 @@ class Connection implements ServerDecoderHandler {
     this.destroy();
   }
 
+  private handshakeExpired(limit: number): void {
+    this.server.report(new NbdStreamError('ERR_TIMEOUT', `handshake not finished within ${limit / 1000} s`), this.id);
+    this.destroy();
+  }
+
   private violation(message: string): void {
     this.server.report(new NbdStreamError('ERR_PROTOCOL', message), this.id);
     this.destroy();
@@ -609,6 +643,10 @@ class Connection implements ServerDecoderHandler {
   destroy(): void {
     if (this.phase === 'closed') return;
     this.phase = 'closed';
+    clearTimeout(this.handshakeTimer);
+    // Whatever is still held is dropped with the socket (late callbacks are ignored).
+    this.server.budget.give(this.reserved + this.unflushed);
+    this.reserved = this.unflushed = 0;
     this.decoder.stop();
     this.socket.destroy();
     if (this.raw !== this.socket) this.raw.destroy();
@@ -642,6 +680,7 @@ class Connection implements ServerDecoderHandler {
 
   // ------------------------------------------------------------ output
 
+  /** Queue output; its bytes are held (budget) until the socket has taken them. */
   private write(b: Buffer): void {
     if (this.phase === 'closed' || this.phase === 'ending') return;
     if (!this.corked) {
@@ -652,7 +691,15 @@ class Connection implements ServerDecoderHandler {
         this.socket.uncork();
       });
     }
-    this.socket.write(b);
+    const n = b.length;
+    this.unflushed += n;
+    this.server.budget.take(n);
+    this.socket.write(b, () => {
+      if (this.phase === 'closed') return;
+      this.unflushed -= n;
+      this.server.budget.give(n);
+      this.updateFlow();
+    });
   }
 
   /** Transmission output, counted for faults.closeAfterBytes. Returns false once the connection is cut. */
@@ -814,7 +861,6 @@ class Connection implements ServerDecoderHandler {
       raw.uncork();
     }
     raw.removeListener('data', this.onData);
-    raw.removeListener('drain', this.onDrain);
     // We are inside the decoder, which has not yet put back the rest of the chunk that held the
     // option. On the next tick (before any more input can arrive) everything the client sent after
     // STARTTLS is queued: plain text sent before our ACK must never be taken as part of the TLS
@@ -835,7 +881,6 @@ class Connection implements ServerDecoderHandler {
         ts.on('close', () => this.destroy());
         ts.on('end', this.onEnd);
         ts.on('data', this.onData);
-        ts.on('drain', this.onDrain);
         this.tlsActive = true;
         this.phase = 'handshake';
         // No negotiation state survives STARTTLS.
@@ -851,6 +896,7 @@ class Connection implements ServerDecoderHandler {
   }
 
   private enterTransmission(exp: Export): void {
+    clearTimeout(this.handshakeTimer);
     this.exp = exp;
     this.contexts = this.structured && this.metaExport === exp ? this.metaSelected : [];
     this.phase = 'transmission';
@@ -868,7 +914,8 @@ class Connection implements ServerDecoderHandler {
     }
     const cost = (req.payload?.length ?? 0) + (req.type === NBD_CMD_READ ? Math.min(req.length, NBD_DEFAULT_MAX_PAYLOAD) : 0);
     this.inFlight++;
-    this.inFlightBytes += cost;
+    this.reserved += cost;
+    this.server.budget.take(cost);
     this.updateFlow();
     this.process(req)
       .catch((err: unknown) => {
@@ -878,7 +925,9 @@ class Connection implements ServerDecoderHandler {
       })
       .finally(() => {
         this.inFlight--;
-        this.inFlightBytes -= cost;
+        if (this.phase === 'closed') return; // destroy() gave back what was held
+        this.reserved -= cost;
+        this.server.budget.give(cost);
         this.updateFlow();
         this.maybeFinish();
       });
@@ -892,20 +941,26 @@ class Connection implements ServerDecoderHandler {
     if (this.disc && this.inFlight === 0 && this.phase === 'transmission') this.endGracefully();
   }
 
-  /** Pause reading while too much is in flight or the client is not reading its replies. */
-  private updateFlow(): void {
+  /**
+   * Pause reading (the socket, and requests already received) while too much is in flight or the
+   * client is not reading its replies, or the server's budget is exceeded and this client holds
+   * some of it. Only requests are held back: the handshake is small, and bounded by the decoder.
+   * @internal
+   */
+  updateFlow(): void {
     if (this.phase === 'closed') return;
-    const s = this.socket;
+    const held = this.reserved + this.unflushed;
     const over =
-      this.inFlight >= this.server.maxRequests ||
-      this.inFlightBytes >= this.server.maxBytesInFlight ||
-      (s as Partial<net.Socket>).writableLength! >= this.server.maxBytesInFlight;
+      this.phase === 'transmission' &&
+      (this.inFlight >= this.server.maxRequests || held >= this.server.maxBytesInFlight || (held > 0 && this.server.budget.exceeded));
     if (over && !this.paused) {
       this.paused = true;
-      s.pause();
+      this.decoder.pause();
+      this.socket.pause();
     } else if (!over && this.paused) {
       this.paused = false;
-      s.resume();
+      this.socket.resume();
+      this.decoder.resume();
     }
   }
 

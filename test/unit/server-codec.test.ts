@@ -371,6 +371,27 @@ describe('ServerDecoder', () => {
     expect(events.length).toBe(2);
   });
 
+  it('pause() holds requests already received (even within one chunk) until resume()', () => {
+    const events: string[] = [];
+    const d: ServerDecoder = new ServerDecoder({
+      onClientFlags: () => undefined,
+      onOption: () => d.expectRequests(),
+      onRequest: (r) => {
+        events.push(describeRequest(r));
+        if (r.cookie === 2n) d.pause(); // as the server does when a request takes it over its limits
+      },
+      onProtocolError: (e) => events.push(e.message),
+    });
+    const reqs = [1, 2, 3, 4].map((c) => encodeRequest(0, P.NBD_CMD_READ, c, 0, 512));
+    d.push(Buffer.concat([encodeClientFlags(1), encodeGo('', []), ...reqs.slice(0, 3), reqs[3].subarray(0, 10)]));
+    expect(events).toEqual(['request NBD_CMD_READ flags=0 cookie=1 0+512', 'request NBD_CMD_READ flags=0 cookie=2 0+512']);
+    d.push(reqs[3].subarray(10));
+    expect(events.length).toBe(2);
+    d.resume();
+    expect(events.slice(2)).toEqual(['request NBD_CMD_READ flags=0 cookie=3 0+512', 'request NBD_CMD_READ flags=0 cookie=4 0+512']);
+    expect(d.idle).toBe(true);
+  });
+
   it('hands over early bytes before a TLS upgrade, and ignores input after stop()', () => {
     const events: string[] = [];
     const d = new ServerDecoder({
