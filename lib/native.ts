@@ -93,8 +93,8 @@ function loadFailure(root: string, path: string, err: NodeJS.ErrnoException): st
   if (err.code === 'MODULE_NOT_FOUND') {
     // the install step (scripts/build-native.mjs) keeps node-gyp's output when the build failed
     const log = join(root, BUILD_LOG);
-    const failed = existsSync(log) ? `the install's build failed, see ${log}; ` : '';
-    return `not built: no ${path} (${failed}\`npm rebuild nbdstream\` builds it with a C compiler)`;
+    const failed = existsSync(log) ? `; the install's build failed, see ${log}` : '';
+    return `not built: no ${path}${failed}; \`npm rebuild nbdstream\` builds it with a C compiler`;
   }
   return `${path}: ${String(err.message).split('\n')[0]}`;
 }
