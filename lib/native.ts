@@ -9,6 +9,7 @@
  * Errors from the addon look like node:fs errors: `{ code: 'ENXIO', errno: -6, syscall }`.
  */
 
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { constants } from 'node:os';
 import { join } from 'node:path';
@@ -75,6 +76,7 @@ export interface FileExtent {
 import { packageRoot } from './package-info.js';
 
 const ADDON_PATH = join('native', 'build', 'Release', 'nbdstream_native.node');
+const BUILD_LOG = join('native', 'build.log');
 
 function load(): { ops?: NativeOps; error?: string } {
   if (process.env.NBDSTREAM_NATIVE === '0') return { error: 'disabled by NBDSTREAM_NATIVE=0' };
@@ -85,8 +87,19 @@ function load(): { ops?: NativeOps; error?: string } {
   try {
     return { ops: createRequire(import.meta.url)(path) as NativeOps };
   } catch (err) {
-    return { error: `${path}: ${(err as Error).message}` };
+    return { error: loadFailure(root, path, err as NodeJS.ErrnoException) };
   }
+}
+
+/** Why the addon did not load, on one line (require's message adds a multi-line "Require stack"). */
+function loadFailure(root: string, path: string, err: NodeJS.ErrnoException): string {
+  if (err.code === 'MODULE_NOT_FOUND') {
+    // the install step (scripts/build-native.mjs) keeps node-gyp's output when the build failed
+    const log = join(root, BUILD_LOG);
+    const failed = existsSync(log) ? `; the install's build failed, see ${log}` : '';
+    return `not built: no ${path}${failed}; \`npm rebuild nbdstream\` builds it with a C compiler`;
+  }
+  return `${path}: ${String(err.message).split('\n')[0]}`;
 }
 
 const loaded = load();

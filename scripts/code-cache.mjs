@@ -1,5 +1,8 @@
-// Build step: write dist/nbdstream.cjs.v8cache by running the CLI once (a small sparse file
-// served by `nbdstream serve` and copied over NBD), so what a copy needs is in the cache.
+// Build and install step: write dist/nbdstream.cjs.v8cache by running the CLI once (a small
+// sparse file served by `nbdstream serve` and copied over NBD), so what a copy needs is in the
+// cache. A cache holds only for the Node version (and V8 flags) that made it, so the package
+// does not ship one: its install step makes it with the node that will run it. Nothing to do
+// before the bundle exists (the install step of a checkout runs before `prepare` builds it).
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -8,6 +11,7 @@ import * as path from 'node:path';
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 // the training runs through the launcher users run, so the cache is made under its V8 flags
 const cli = path.join(root, 'bin/nbdstream');
+if (!fs.existsSync(path.join(root, 'dist/nbdstream.cjs'))) process.exit(0);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-cache-'));
 try {
   const img = path.join(dir, 'img');
