@@ -31,6 +31,7 @@ import {
   type ReadResult,
   type ZeroOptions,
 } from './endpoint.js';
+import { detectImageFormat, IMAGE_HEADER_BYTES, type ImageFormat } from '../image-format.js';
 
 const MiB = 1024 * 1024;
 const MAX_REQUEST = 32 * MiB;
@@ -100,6 +101,8 @@ export class FileEndpoint implements Endpoint {
   readonly name: string;
   readonly kind: FileKind;
   readonly capabilities: Capabilities;
+  /** Source: the disk image format its header shows, if any (copied as raw bytes all the same). */
+  imageFormat?: string;
   private readonly fd: number;
   private readonly mode: OpenMode;
   private _size: number | undefined;
@@ -366,13 +369,19 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
       if (mode === 'target' && sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return new FileEndpoint(fd, path, mode, 'block', size, blksize, false);
+      const ep = new FileEndpoint(fd, path, mode, 'block', size, blksize, false);
+      if (mode === 'source') ep.imageFormat = await readImageFormat(fd);
+      return ep;
     }
     if (!st.isFile()) {
       const what = st.isDirectory() ? 'cannot open: EISDIR is a directory' : 'not a regular file or block device (use it as a pipe)';
       throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
     }
-    if (mode === 'source') return new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false);
+    if (mode === 'source') {
+      const ep = new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false);
+      ep.imageFormat = await readImageFormat(fd);
+      return ep;
+    }
     if (update) {
       const size = Number(st.size);
       if (sourceSize !== undefined && size < sourceSize) {
@@ -393,6 +402,13 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
     await fsClose(fd).catch(() => undefined);
     throw err instanceof NbdStreamError ? err : ioError('open', err, path);
   }
+}
+
+/** The image format named by the header at offset 0 of `fd`, if any (lib/image-format.ts). */
+export async function readImageFormat(fd: number): Promise<ImageFormat | undefined> {
+  const header = Buffer.alloc(IMAGE_HEADER_BYTES);
+  const { bytesRead } = await fsRead(fd, header, 0, header.length, 0);
+  return detectImageFormat(header.subarray(0, bytesRead));
 }
 
 function openError(path: string, mode: OpenMode, err: unknown): NbdStreamError {
