@@ -269,6 +269,18 @@ static int get_u32(napi_env env, napi_value v, const char *what, unsigned int *o
   return 1;
 }
 
+/* Fetch `n` (2 or 3) arguments into argv; the first two are the CID and the port. */
+static int get_vsock_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv, unsigned int *cid,
+                          unsigned int *port) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
+  if (argc < n) {
+    napi_throw_type_error(env, "ERR_MISSING_ARGS", "missing arguments");
+    return 0;
+  }
+  return get_u32(env, argv[0], "cid", cid) && get_u32(env, argv[1], "port", port);
+}
+
 static struct sockaddr_vm vsock_address(unsigned int cid, unsigned int port) {
   struct sockaddr_vm a;
   memset(&a, 0, sizeof a);
@@ -319,15 +331,15 @@ static void vsock_connect_complete(napi_env env, napi_status status, void *data)
 
 /* vsockConnect(cid, port, callback(err, fd)): socket(AF_VSOCK) connected on a worker thread. */
 static napi_value VsockConnect(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   unsigned int cid, port;
-  if (argc < 3) {
-    napi_throw_type_error(env, "ERR_MISSING_ARGS", "missing arguments");
+  if (!get_vsock_args(env, info, 3, argv, &cid, &port)) return NULL;
+  napi_valuetype t;
+  CHECK(napi_typeof(env, argv[2], &t));
+  if (t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
     return NULL;
   }
-  if (!get_u32(env, argv[0], "cid", &cid) || !get_u32(env, argv[1], "port", &port)) return NULL;
   vsock_connect_t *c = calloc(1, sizeof *c);
   if (c == NULL) return throw_errno(env, ENOMEM, "vsockConnect");
   c->cid = cid;
@@ -354,15 +366,9 @@ static napi_value VsockConnect(napi_env env, napi_callback_info info) {
 
 /* vsockListen(cid, port) -> fd of a socket(AF_VSOCK) bound to cid:port and listening. */
 static napi_value VsockListen(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   unsigned int cid, port;
-  if (argc < 2) {
-    napi_throw_type_error(env, "ERR_MISSING_ARGS", "missing arguments");
-    return NULL;
-  }
-  if (!get_u32(env, argv[0], "cid", &cid) || !get_u32(env, argv[1], "port", &port)) return NULL;
+  if (!get_vsock_args(env, info, 2, argv, &cid, &port)) return NULL;
   int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return throw_errno(env, errno, "socket(AF_VSOCK)");
   struct sockaddr_vm a = vsock_address(cid, port);

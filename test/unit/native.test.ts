@@ -303,6 +303,7 @@ describe('errors', () => {
     expect(() => n.vsockListen(-1, 1)).toThrow(RangeError);
     expect(() => n.vsockConnect(1.5, 1, () => {})).toThrow(RangeError);
     expect(() => n.vsockConnect('1' as unknown as number, 1, () => {})).toThrow(TypeError);
+    expect(() => n.vsockConnect(1, 1, undefined as unknown as () => void)).toThrow(/^callback must be a function$/);
   });
 });
 
