@@ -404,11 +404,18 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
   }
 }
 
-/** The image format named by the header at offset 0 of `fd`, if any (lib/image-format.ts). */
-export async function readImageFormat(fd: number): Promise<ImageFormat | undefined> {
+/**
+ * The image format named by the header at offset 0 of `fd`, if any (lib/image-format.ts). Only a
+ * hint: a header that cannot be read is no format (the copy's own read reports the error).
+ */
+async function readImageFormat(fd: number): Promise<ImageFormat | undefined> {
   const header = Buffer.alloc(IMAGE_HEADER_BYTES);
-  const { bytesRead } = await fsRead(fd, header, 0, header.length, 0);
-  return detectImageFormat(header.subarray(0, bytesRead));
+  try {
+    const { bytesRead } = await fsRead(fd, header, 0, header.length, 0);
+    return detectImageFormat(header.subarray(0, bytesRead));
+  } catch {
+    return undefined;
+  }
 }
 
 function openError(path: string, mode: OpenMode, err: unknown): NbdStreamError {
