@@ -90,6 +90,8 @@ const OPTIONS = {
   connections: { alias: 'C', type: 'string', value: 'number', describe: 'NBD connections when multi-conn is allowed (default 4, at most --threads)' },
   'destination-is-zero': { alias: 'target-is-zero', type: 'boolean', describe: 'Destination already reads as zeroes: send no zero requests' },
   flush: { type: 'boolean', describe: 'Flush the destination at the end' },
+  format: { type: 'string', describe: 'Read a file source as this disk image format through qemu-nbd: qcow2, vmdk, vhdx, vdi, vpc, qed, ... or auto (detect)' },
+  'target-format': { type: 'string', describe: 'Write a file destination as this image format (e.g. qcow2): created by qemu-img, written through qemu-nbd' },
   'no-extents': { type: 'boolean', describe: 'Ignore extent information and read everything' },
   'pipe-format': { type: 'string', describe: 'raw or extents (holes as records, docs/extent-stream.md): the format of a "-" or FIFO destination (default raw; the source then detects its own), else forces a pipe source\'s (default: detected)' },
   'dirty-bitmap': { type: 'string', describe: 'Copy only the ranges dirty in the NBD source\'s qemu:dirty-bitmap:NAME; leave the rest of the destination as it is' },
@@ -244,7 +246,10 @@ async function main(): Promise<void> {
     // --pipe-format is the output's format when the destination is a pipe, else the input's
     ...(isPipe(dst) ? { pipeFormat: pipeFormat as 'raw' | 'extents' | undefined } : { sourcePipeFormat: pipeFormat as 'raw' | 'extents' | undefined }),
     dirtyBitmap,
+    format: argv.format,
+    targetFormat: argv['target-format'],
   };
+  if (options.format === '' || options.targetFormat === '') fail(`--${options.format === '' ? 'format' : 'target-format'}: expected a format name such as qcow2`);
   if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || !Number.isInteger(Math.log2(options.sparse))))
     fail(`--sparse: expected 0 or a power of two ≥ 512, not ${options.sparse}`);
 
@@ -274,16 +279,18 @@ async function main(): Promise<void> {
     summary = await copy(src, dst, {
       ...options,
       onProgress: progress !== undefined ? (_done, _total, p) => onProgress(p) : undefined,
-      onOpen: verbose
-        ? (s, d) => {
-            process.stderr.write(`nbdstream: source ${capabilityLine(s)}\n`);
-            process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
-            if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
-            process.stderr.write(
-              `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads))} threads=${copyThreads(options.threads)} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
-            );
-          }
-        : undefined,
+      onOpen: (s, d) => {
+        if (s.imageFormat && options.format === undefined)
+          process.stderr.write(`nbdstream: warning: ${s.name} is a ${s.imageFormat} image, copied as raw bytes (use --format=auto to copy the disk inside)\n`);
+        if (verbose) {
+          process.stderr.write(`nbdstream: source ${capabilityLine(s)}\n`);
+          process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
+          if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
+          process.stderr.write(
+            `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads))} threads=${copyThreads(options.threads)} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
+          );
+        }
+      },
     });
   } catch (err) {
     jsonLines?.cancel();

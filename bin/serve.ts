@@ -1,7 +1,8 @@
 /**
  * `nbdstream serve`: export a file, a block device or an in-memory image over NBD (lib/nbd/server.ts).
- * Listens on a Unix socket (--socket), TCP (--port/--bind, default port 10809), or the socket
- * inherited by socket activation (LISTEN_FDS=1, LISTEN_PID = our pid: fd 3), so that
+ * Listens on a Unix socket (--socket), TCP (--port/--bind, default port 10809), vsock (--vsock
+ * [--port]), or the socket inherited by socket activation (LISTEN_FDS=1, LISTEN_PID = our pid:
+ * fd 3), so that
  * `nbdstream -- [ nbdstream serve disk.img ] out.img` works. With --run CMD it runs CMD via sh
  * with $uri (and $unixsocket / $port, $exportname) set, like nbdkit --run, and exits with its
  * status; otherwise it serves until SIGTERM or SIGINT. Under socket activation (and with
@@ -64,6 +65,7 @@ export async function run(args: string[]): Promise<number> {
 const OPTIONS = {
   socket: { alias: 'U', type: 'string', describe: 'Listen on this Unix socket ("-": a private temporary one)' },
   port: { alias: 'p', type: 'string', value: 'number', describe: `Listen on this TCP port (default ${NBD_DEFAULT_PORT}; 0: any free port)` },
+  vsock: { type: 'boolean', describe: `Listen on vsock (AF_VSOCK, any CID of this machine) --port (default ${NBD_DEFAULT_PORT}): nbd+vsock://CID:PORT/` },
   bind: { alias: 'i', type: 'string', describe: 'TCP address to listen on (default: all)' },
   export: { alias: 'e', type: 'string', describe: 'Export name (default ""; the default export "" always reaches it too)' },
   description: { type: 'string', describe: 'Export description (NBD_INFO_DESCRIPTION, NBD_OPT_LIST)' },
@@ -142,14 +144,17 @@ async function serve(args: string[]): Promise<number> {
   if (activated !== undefined && (argv.socket !== undefined || argv.port !== undefined)) usage('--socket and --port cannot be used under socket activation (LISTEN_FDS)');
   if (argv.socket !== undefined && argv.port !== undefined) usage('give either --socket or --port, not both');
   if (argv.bind !== undefined && argv.socket !== undefined) usage('--bind applies to TCP (--port), not to --socket');
+  const vsock = argv.vsock ?? false;
+  if (vsock && (activated !== undefined || argv.socket !== undefined || argv.bind !== undefined)) usage('--vsock listens on --port only (not with --socket, --bind or socket activation)');
   let port: number | undefined;
   if (argv.port !== undefined) {
-    if (!/^\d+$/.test(argv.port) || Number(argv.port) > 65535) usage(`--port: expected a port number, not "${argv.port}"`);
+    if (!/^\d+$/.test(argv.port) || Number(argv.port) > (vsock ? 0xffffffff : 65535)) usage(`--port: expected a port number, not "${argv.port}"`);
     port = Number(argv.port);
   }
   let tmpDir: string | undefined;
   let listen: ListenOptions;
   if (activated !== undefined) listen = { fd: activated };
+  else if (vsock) listen = { vsockPort: port ?? NBD_DEFAULT_PORT };
   else if (argv.socket !== undefined && argv.socket !== '-') listen = { path: path.resolve(argv.socket) };
   else if (argv.socket === '-' || (port === undefined && argv.run !== undefined)) {
     tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-serve-'));

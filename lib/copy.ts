@@ -63,6 +63,14 @@ export interface CopyOptions {
    */
   dirtyBitmap?: string;
   /**
+   * A file source's disk image format (`auto`: detected by its header): read through
+   * `qemu-nbd -r -f FORMAT` as the disk it contains (endpoints/image.ts). Without it an image
+   * file is copied as raw bytes (the source endpoint's `imageFormat` says which it looks like).
+   */
+  format?: string;
+  /** A file target's image format (e.g. qcow2): created with qemu-img, written through qemu-nbd. */
+  targetFormat?: string;
+  /**
    * Compute the source's block hash while copying (true: sha256 with 64 KiB blocks; or
    * "ALG[/BLOCKSIZE]", or {algorithm, blockSize}); the summary's `blkhash` holds the digest.
    */
@@ -118,13 +126,13 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   try {
     const s = isEndpoint(src)
       ? src
-      : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse });
+      : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse, format: options.format });
     if (!isEndpoint(src)) opened.push(s);
     // a partial source (dirty bitmap, incremental extent stream) updates the target in place
     // a target that is the source's file or device is refused as it opens, before it is truncated
     const d = isEndpoint(dst)
       ? dst
-      : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial, sourceIdentity: s.identity });
+      : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial, sourceIdentity: s.identity, format: options.targetFormat });
     if (!isEndpoint(dst)) opened.push(d);
     checkNotSource(d.name, d.identity, s.identity);
     if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });

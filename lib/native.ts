@@ -54,6 +54,13 @@ export interface NativeOps {
   readerForget(reader: SocketReader, cookie: number): void;
   /** Stop and join the thread (idempotent); no callback runs afterwards. */
   readerStop(reader: SocketReader): void;
+  /**
+   * socket(AF_VSOCK) connected to `cid`:`port` on a worker thread; `callback(err, fd)` gets the
+   * connected fd (blocking, close-on-exec) or an error whose syscall is "socket(AF_VSOCK)" or "connect".
+   */
+  vsockConnect(cid: number, port: number, callback: (err: NativeError | null, fd: number) => void): void;
+  /** socket(AF_VSOCK) bound to `cid`:`port` and listening: its fd. */
+  vsockListen(cid: number, port: number): number;
 }
 
 /** Opaque handle of a socket reader thread. */

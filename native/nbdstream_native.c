@@ -1,5 +1,6 @@
 /*
- * nbdstream_native: thin synchronous wrappers over the Linux calls that node:fs lacks.
+ * nbdstream_native: thin synchronous wrappers over the Linux calls that node:fs lacks (and
+ * vsock sockets, below, which libuv cannot create).
  *
  * Contract for every function:
  *  - arguments are (fd, offset[, length]); fd is an int32, offset/length are integral JS numbers
@@ -14,11 +15,14 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/vm_sockets.h>
 #include <node_api.h>
 
 #include "socket_reader.h"
@@ -68,8 +72,8 @@ static const char *errno_name(int err) {
   return NULL;
 }
 
-/* Throw an Error for `err` from `syscall`; always returns NULL for `return throw_errno(...)`. */
-static napi_value throw_errno(napi_env env, int err, const char *syscall) {
+/* An Error for `err` from `syscall` shaped like node:fs errors, or NULL if it cannot be made. */
+static napi_value errno_error(napi_env env, int err, const char *syscall) {
   char code_buf[32];
   const char *code = errno_name(err);
   if (code == NULL) {
@@ -87,11 +91,16 @@ static napi_value throw_errno(napi_env env, int err, const char *syscall) {
       napi_create_error(env, NULL, msg, &error) != napi_ok ||
       napi_set_named_property(env, error, "code", code_v) != napi_ok ||
       napi_set_named_property(env, error, "errno", errno_v) != napi_ok ||
-      napi_set_named_property(env, error, "syscall", syscall_v) != napi_ok) {
-    napi_throw_error(env, code, msg_buf);
+      napi_set_named_property(env, error, "syscall", syscall_v) != napi_ok)
     return NULL;
-  }
-  napi_throw(env, error);
+  return error;
+}
+
+/* Throw an Error for `err` from `syscall`; always returns NULL for `return throw_errno(...)`. */
+static napi_value throw_errno(napi_env env, int err, const char *syscall) {
+  napi_value error = errno_error(env, err, syscall);
+  if (error != NULL) napi_throw(env, error);
+  else napi_throw_error(env, errno_name(err), strerror(err));
   return NULL;
 }
 
@@ -259,6 +268,139 @@ static napi_value SetParentDeathSignal(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * vsock (AF_VSOCK, <linux/vm_sockets.h>): sockets libuv cannot create. JS wraps the returned fd in
+ * a stream handle (lib/nbd/vsock.ts). Both fds are SOCK_CLOEXEC and blocking; libuv makes them
+ * non-blocking when it adopts them.
+ */
+
+/* Read args[i] as a vsock CID or port (u32). */
+static int get_u32(napi_env env, napi_value v, const char *what, unsigned int *out) {
+  uint64_t n;
+  if (!get_u53(env, v, what, &n)) return 0;
+  if (n > 0xffffffffu) {
+    char msg[64];
+    snprintf(msg, sizeof msg, "%s must be below 2^32", what);
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", msg);
+    return 0;
+  }
+  *out = (unsigned int)n;
+  return 1;
+}
+
+/* Fetch `n` (2 or 3) arguments into argv; the first two are the CID and the port. */
+static int get_vsock_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv, unsigned int *cid,
+                          unsigned int *port) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
+  if (argc < n) {
+    napi_throw_type_error(env, "ERR_MISSING_ARGS", "missing arguments");
+    return 0;
+  }
+  return get_u32(env, argv[0], "cid", cid) && get_u32(env, argv[1], "port", port);
+}
+
+static struct sockaddr_vm vsock_address(unsigned int cid, unsigned int port) {
+  struct sockaddr_vm a;
+  memset(&a, 0, sizeof a);
+  a.svm_family = AF_VSOCK;
+  a.svm_cid = cid;
+  a.svm_port = port;
+  return a;
+}
+
+typedef struct {
+  unsigned int cid, port;
+  int fd, err;
+  const char *syscall;
+  napi_ref callback;
+  napi_async_work work;
+} vsock_connect_t;
+
+/* Worker thread: a blocking connect (the kernel times out unanswered ones, 2 s by default). */
+static void vsock_connect_execute(napi_env env, void *data) {
+  vsock_connect_t *c = data;
+  c->fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (c->fd < 0) {
+    c->err = errno;
+    c->syscall = "socket(AF_VSOCK)";
+    return;
+  }
+  struct sockaddr_vm a = vsock_address(c->cid, c->port);
+  if (connect(c->fd, (struct sockaddr *)&a, sizeof a) == 0) return;
+  c->err = errno;
+  c->syscall = "connect";
+  close(c->fd);
+  c->fd = -1;
+}
+
+static void vsock_connect_complete(napi_env env, napi_status status, void *data) {
+  vsock_connect_t *c = data;
+  napi_value callback, global, args[2];
+  if (napi_get_reference_value(env, c->callback, &callback) == napi_ok && napi_get_global(env, &global) == napi_ok &&
+      napi_get_null(env, &args[0]) == napi_ok && napi_create_int32(env, c->fd, &args[1]) == napi_ok) {
+    napi_value error = c->err ? errno_error(env, c->err, c->syscall) : NULL;
+    if (error != NULL) args[0] = error; /* else (out of memory) JS sees fd -1 */
+    napi_call_function(env, global, callback, 2, args, NULL);
+  }
+  napi_delete_reference(env, c->callback);
+  napi_delete_async_work(env, c->work);
+  free(c);
+}
+
+/* vsockConnect(cid, port, callback(err, fd)): socket(AF_VSOCK) connected on a worker thread. */
+static napi_value VsockConnect(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  unsigned int cid, port;
+  if (!get_vsock_args(env, info, 3, argv, &cid, &port)) return NULL;
+  napi_valuetype t;
+  CHECK(napi_typeof(env, argv[2], &t));
+  if (t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
+    return NULL;
+  }
+  vsock_connect_t *c = calloc(1, sizeof *c);
+  if (c == NULL) return throw_errno(env, ENOMEM, "vsockConnect");
+  c->cid = cid;
+  c->port = port;
+  c->fd = -1;
+  napi_value name;
+  if (napi_create_reference(env, argv[2], 1, &c->callback) != napi_ok) {
+    free(c);
+    return NULL;
+  }
+  if (napi_create_string_utf8(env, "nbdstream:vsockConnect", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, vsock_connect_execute, vsock_connect_complete, c, &c->work) != napi_ok) {
+    napi_delete_reference(env, c->callback);
+    free(c);
+    return NULL;
+  }
+  if (napi_queue_async_work(env, c->work) != napi_ok) {
+    napi_delete_async_work(env, c->work);
+    napi_delete_reference(env, c->callback);
+    free(c);
+  }
+  return NULL;
+}
+
+/* vsockListen(cid, port) -> fd of a socket(AF_VSOCK) bound to cid:port and listening. */
+static napi_value VsockListen(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  unsigned int cid, port;
+  if (!get_vsock_args(env, info, 2, argv, &cid, &port)) return NULL;
+  int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return throw_errno(env, errno, "socket(AF_VSOCK)");
+  struct sockaddr_vm a = vsock_address(cid, port);
+  const char *syscall = "bind";
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+    syscall = "listen";
+    if (listen(fd, SOMAXCONN) == 0) return make_number(env, fd);
+  }
+  int err = errno;
+  close(fd);
+  return throw_errno(env, err, syscall);
+}
+
 static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -269,6 +411,8 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"blkDiscard", NULL, BlkDiscard, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blkGetSize64", NULL, BlkGetSize64, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setParentDeathSignal", NULL, SetParentDeathSignal, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"vsockConnect", NULL, VsockConnect, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"vsockListen", NULL, VsockListen, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   CHECK(socket_reader_init(env, exports));

@@ -79,6 +79,11 @@ export interface Endpoint {
   /** Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. */
   readonly size: number | undefined;
   readonly capabilities: Capabilities;
+  /**
+   * A file source whose header is a disk image format (lib/image-format.ts): its bytes are
+   * copied as they are (the container, not the disk inside); callers may warn.
+   */
+  readonly imageFormat?: string;
   /** Extents from `offset`: consecutive, first starts at offset; may cover less than length. */
   extents(offset: number, length: number): Promise<ExtentRun[]>;
   /**
@@ -149,6 +154,11 @@ export interface OpenOptions {
    * must exist and be large enough; a pipe target must use the extents format.
    */
   update?: boolean;
+  /**
+   * A file opened through qemu-nbd (lib/endpoints/image.ts): the image format (`auto`: detect
+   * by the header), as qemu-img -f / -O spell it; `raw` opens the file directly.
+   */
+  format?: string;
 }
 
 export type PipeFormat = 'raw' | 'extents';

@@ -33,6 +33,7 @@ import {
   type ReadResult,
   type ZeroOptions,
 } from './endpoint.js';
+import { detectImageFormat, IMAGE_HEADER_BYTES, type ImageFormat } from '../image-format.js';
 
 const MiB = 1024 * 1024;
 const MAX_REQUEST = 32 * MiB;
@@ -103,6 +104,8 @@ export class FileEndpoint implements Endpoint {
   readonly kind: FileKind;
   readonly capabilities: Capabilities;
   identity: string | undefined;
+  /** Source: the disk image format its header shows, if any (copied as raw bytes all the same). */
+  imageFormat?: string;
   private readonly fd: number;
   private readonly mode: OpenMode;
   private _size: number | undefined;
@@ -371,13 +374,19 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
       if (mode === 'target' && sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return withIdentity(new FileEndpoint(fd, path, mode, 'block', size, blksize, false), identity);
+      const ep = withIdentity(new FileEndpoint(fd, path, mode, 'block', size, blksize, false), identity);
+      if (mode === 'source') ep.imageFormat = await readImageFormat(fd);
+      return ep;
     }
     if (!st.isFile()) {
       const what = st.isDirectory() ? 'cannot open: EISDIR is a directory' : 'not a regular file or block device (use it as a pipe)';
       throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
     }
-    if (mode === 'source') return withIdentity(new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false), identity);
+    if (mode === 'source') {
+      const ep = withIdentity(new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false), identity);
+      ep.imageFormat = await readImageFormat(fd);
+      return ep;
+    }
     if (update) {
       const size = Number(st.size);
       if (sourceSize !== undefined && size < sourceSize) {
@@ -403,6 +412,20 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
 function withIdentity(ep: FileEndpoint, identity: string | undefined): FileEndpoint {
   ep.identity = identity;
   return ep;
+}
+
+/**
+ * The image format named by the header at offset 0 of `fd`, if any (lib/image-format.ts). Only a
+ * hint: a header that cannot be read is no format (the copy's own read reports the error).
+ */
+async function readImageFormat(fd: number): Promise<ImageFormat | undefined> {
+  const header = Buffer.alloc(IMAGE_HEADER_BYTES);
+  try {
+    const { bytesRead } = await fsRead(fd, header, 0, header.length, 0);
+    return detectImageFormat(header.subarray(0, bytesRead));
+  } catch {
+    return undefined;
+  }
 }
 
 function openError(path: string, mode: OpenMode, err: unknown): NbdStreamError {

@@ -3,13 +3,15 @@
  * `[ CMD ARGS ]` (given as an argv array), or a path (regular file or block device; FIFOs,
  * character devices and sockets are pipes). Pipes read or write raw bytes or the extent stream
  * format (opts.pipeFormat; a source detects it); a target opened with opts.update keeps its
- * contents (files are not truncated); opts.dirtyBitmap applies to NBD sources.
+ * contents (files are not truncated); opts.dirtyBitmap applies to NBD sources; opts.format opens a
+ * file as a disk image through qemu-nbd (image.ts).
  */
 import * as fs from 'node:fs';
 import { promisify } from 'node:util';
 import { NbdStreamError } from '../errors.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { checkNotSource, fileIdentity, type Endpoint, type OpenMode, type OpenOptions } from './endpoint.js';
+import type { NbdEndpoint } from './nbd.js';
 // Endpoint kinds are loaded when used: a copy pays start-up time only for the kinds it opens.
 
 /** A URI, path, "-", "null:", or the argv of a server command to socket-activate. */
@@ -19,20 +21,24 @@ export function describeSpec(spec: EndpointSpec): string {
   return Array.isArray(spec) ? `[ ${spec.join(' ')} ]` : spec;
 }
 
+/** Start `argv` by socket activation (command.ts) and open its export; the command stops on close(). */
+export async function openCommand(argv: string[], opts: OpenOptions, name: string): Promise<NbdEndpoint> {
+  const [{ startActivated }, { openNbd }] = await Promise.all([import('./command.js'), import('./nbd.js')]);
+  // --timeout also bounds the wait for the command's server to answer (default 60 s)
+  const server = await startActivated(argv, { name, timeoutMs: opts.timeout !== undefined ? opts.timeout * 1000 : undefined });
+  try {
+    return await openNbd(server.uri, opts, name, () => server.stop());
+  } catch (err) {
+    await server.stop();
+    throw err;
+  }
+}
+
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
   if (mode !== 'source' && opts.dirtyBitmap !== undefined) opts = { ...opts, dirtyBitmap: undefined };
-  if (Array.isArray(spec)) {
-    const name = describeSpec(spec);
-    const [{ startActivated }, { openNbd }] = await Promise.all([import('./command.js'), import('./nbd.js')]);
-    // --timeout also bounds the wait for the command's server to answer (default 60 s)
-    const server = await startActivated(spec, { name, timeoutMs: opts.timeout !== undefined ? opts.timeout * 1000 : undefined });
-    try {
-      return await openNbd(server.uri, opts, name, () => server.stop());
-    } catch (err) {
-      await server.stop();
-      throw err;
-    }
-  }
+  if (opts.format !== undefined && (Array.isArray(spec) || spec === '-' || spec === 'null:' || /^[a-z][a-z0-9+.-]*:\/\//i.test(spec)))
+    throw new NbdStreamError('ERR_USAGE', `${mode === 'source' ? '--format' : '--target-format'} applies to a file ${mode}`, { endpoint: describeSpec(spec) });
+  if (Array.isArray(spec)) return openCommand(spec, opts, describeSpec(spec));
   if (isNbdUri(spec)) return (await import('./nbd.js')).openNbd(spec, opts);
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
   if (spec === 'null:') {
@@ -63,9 +69,11 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
   }
   if (st && (st.isFIFO() || st.isCharacterDevice() || st.isSocket())) {
     // async open: opening a FIFO waits for its other end, which must not block the event loop
+    if (opts.format !== undefined) throw new NbdStreamError('ERR_USAGE', `${mode === 'source' ? '--format' : '--target-format'} applies to a file ${mode}, not a pipe`, { endpoint: spec });
     const fd = await promisify(fs.open)(spec, mode === 'source' ? 'r' : 'w');
     return (await import('./pipe.js')).openPipe(fd, spec, mode, pipeOpts);
   }
+  if (opts.format !== undefined) return (await import('./image.js')).openImage(spec, mode, opts.format, opts);
   // a partial source (dirty bitmap, incremental stream) updates an existing file in place
   return (await import('./file.js')).openFile(spec, mode === 'target' && opts.update ? 'update' : mode, opts);
 }

@@ -175,18 +175,21 @@ export class NbdConnection implements ReplyHandler {
     const opts: net.NetConnectOpts = zeroCopy
       ? { ...where, onread: { buffer: () => this.nextBuffer(), callback: (n: number) => this.onRead(n) } }
       : where;
-    const raw = nodeNet().connect(opts);
+    // vsock: a socket the native addon connected (vsock.ts), so no 'connect' event comes
+    const vsock = addr.cid !== undefined ? await import('./vsock.js') : undefined;
+    const raw = vsock ? await vsock.connectVsock(addr.cid!, addr.port!, zeroCopy ? { onread: opts.onread } : {}) : nodeNet().connect(opts);
     this.socket = raw;
     const onData = (chunk: Buffer) => this.onSocketData(chunk);
     if (!zeroCopy) raw.on('data', onData);
     await new Promise<void>((resolve, reject) => {
+      if (vsock) return resolve();
       raw.once('connect', resolve);
       raw.once('error', (err: NodeJS.ErrnoException) => {
         const to = addr.socket !== undefined ? `socket ${addr.socket}` : `${addr.host}:${addr.port}`;
         reject(new NbdStreamError('ERR_CONNECT', `cannot connect to ${to}: ${err.code ?? err.message}`, { cause: err }));
       });
     });
-    if (addr.socket === undefined) raw.setNoDelay(true);
+    if (addr.socket === undefined && !vsock) raw.setNoDelay(true);
     this.watch(raw);
 
     // A TLS 1.3 client finishes its handshake before the server has checked the client

@@ -245,6 +245,8 @@ export interface ListenOptions {
   host?: string;
   /** An already listening socket (socket activation: 3). */
   fd?: number;
+  /** A vsock port (any CID of this machine; vsock.ts). */
+  vsockPort?: number;
 }
 
 interface Export {
@@ -486,10 +488,12 @@ export class NbdServer extends EventEmitter {
     if (this.closing) throw new NbdStreamError('ERR_USAGE', 'server is closed');
     const srv = nodeNet().createServer({ noDelay: true, pauseOnConnect: false });
     srv.on('connection', (s) => this.handle(s));
-    const where = o.fd !== undefined ? `fd ${o.fd}` : o.path !== undefined ? o.path : `${o.host ?? '*'}:${o.port}`;
+    const vsock = o.vsockPort !== undefined ? (await import('./vsock.js')).listenVsock(o.vsockPort) : undefined;
+    const where = vsock ? `vsock port ${o.vsockPort}` : o.fd !== undefined ? `fd ${o.fd}` : o.path !== undefined ? o.path : `${o.host ?? '*'}:${o.port}`;
     await new Promise<void>((resolve, reject) => {
       srv.once('error', (err: NodeJS.ErrnoException) => reject(new NbdStreamError('ERR_CONNECT', `cannot listen on ${where}: ${err.code ?? err.message}`, { cause: err })));
-      if (o.fd !== undefined) srv.listen({ fd: o.fd }, resolve);
+      if (vsock) srv.listen(vsock, resolve);
+      else if (o.fd !== undefined) srv.listen({ fd: o.fd }, resolve);
       else if (o.path !== undefined) srv.listen(o.path, resolve);
       else srv.listen(o.port ?? 0, o.host, resolve);
     });
@@ -515,6 +519,7 @@ export class NbdServer extends EventEmitter {
     const tls = this.tls?.mode === 'require' ? 'require' : 'off';
     const exportName = this.exports[0].name;
     if (o.path !== undefined) return formatNbdUri({ socket: o.path, exportName, tls, tlsVerifyPeer: true });
+    if (o.vsockPort !== undefined) return formatNbdUri({ cid: 1 /* VMADDR_CID_LOCAL: this machine */, port: o.vsockPort, exportName, tls, tlsVerifyPeer: true });
     const host = !o.host || o.host === '0.0.0.0' || o.host === '::' ? 'localhost' : o.host;
     return formatNbdUri({ host, port: this.port, exportName, tls, tlsVerifyPeer: true });
   }

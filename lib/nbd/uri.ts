@@ -1,4 +1,7 @@
-/** NBD URI parsing and formatting (NBD URI specification; query keys as libnbd reads them). */
+/**
+ * NBD URI parsing and formatting (NBD URI specification; query keys as libnbd reads them), and
+ * libnbd's `nbd+vsock://CID[:PORT]/EXPORT` / `nbds+vsock://` (default port 10809).
+ */
 import { NbdStreamError } from '../errors.js';
 import { NBD_DEFAULT_PORT } from './protocol.js';
 
@@ -8,6 +11,8 @@ export interface NbdAddress {
   port?: number;
   /** Unix socket path. */
   socket?: string;
+  /** vsock CID (nbd+vsock://CID[:PORT]/; the port is a 32-bit vsock port then). */
+  cid?: number;
   exportName: string;
   /** 'require' for nbds schemes (or explicit TLS options), 'off' otherwise. */
   tls: 'require' | 'off';
@@ -18,11 +23,11 @@ export interface NbdAddress {
   tlsHostname?: string;
 }
 
-const SCHEMES = new Set(['nbd', 'nbds', 'nbd+unix', 'nbds+unix']);
+const SCHEMES = new Set(['nbd', 'nbds', 'nbd+unix', 'nbds+unix', 'nbd+vsock', 'nbds+vsock']);
 const QUERY_KEYS = new Set(['socket', 'tls-psk-file', 'tls-certificates', 'tls-verify-peer', 'tls-hostname', 'tls-username', 'tls-type']);
 
 export function isNbdUri(s: string): boolean {
-  return /^nbds?(\+unix)?:\/\//i.test(s);
+  return /^nbds?(\+unix|\+vsock)?:\/\//i.test(s);
 }
 
 function bad(uri: string, why: string): NbdStreamError {
@@ -39,10 +44,11 @@ function decode(uri: string, s: string, what: string): string {
 
 export function parseNbdUri(uri: string): NbdAddress {
   const m = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/([^/?#]*)([^?#]*)(?:\?([^#]*))?(?:#.*)?$/.exec(uri);
-  if (!m) throw bad(uri, 'expected nbd://, nbds://, nbd+unix:// or nbds+unix://');
+  if (!m) throw bad(uri, 'expected nbd://, nbds://, nbd+unix://, nbds+unix://, nbd+vsock:// or nbds+vsock://');
   const scheme = m[1].toLowerCase();
   if (!SCHEMES.has(scheme)) throw bad(uri, `unknown scheme "${m[1]}"`);
   const unix = scheme.endsWith('+unix');
+  const vsock = scheme.endsWith('+vsock');
   const addr: NbdAddress = { exportName: '', tls: scheme.startsWith('nbds') ? 'require' : 'off', tlsVerifyPeer: true };
 
   let authority = m[2];
@@ -51,7 +57,15 @@ export function parseNbdUri(uri: string): NbdAddress {
     addr.tlsUsername = decode(uri, authority.slice(0, at), 'user name');
     authority = authority.slice(at + 1);
   }
-  if (authority) {
+  if (vsock) {
+    // nbd+vsock://CID[:PORT]/: a decimal CID (1 = this machine, 2 = the host) and a 32-bit port
+    const vm = /^(\d+)(?::(\d*))?$/.exec(authority);
+    if (!vm) throw bad(uri, authority ? `bad vsock CID "${authority}": expected CID[:PORT] in decimal` : `${scheme}:// needs a CID: ${scheme}://CID[:PORT]/EXPORT`);
+    addr.cid = Number(vm[1]);
+    if (addr.cid > 0xffffffff) throw bad(uri, `bad vsock CID "${vm[1]}"`);
+    addr.port = vm[2] ? Number(vm[2]) : NBD_DEFAULT_PORT;
+    if (addr.port > 0xffffffff) throw bad(uri, `bad vsock port "${vm[2]}"`);
+  } else if (authority) {
     if (unix) throw bad(uri, 'a Unix socket URI takes no host or port');
     const hm = /^(?:\[([0-9A-Fa-f:.]+(?:%25[^\]]+)?)\]|([^:[\]]+))(?::(\d*))?$/.exec(authority);
     if (!hm) throw bad(uri, `bad host "${authority}"`);
@@ -111,10 +125,13 @@ export function parseNbdUri(uri: string): NbdAddress {
 const enc = (s: string) => encodeURIComponent(s).replace(/%2F/g, '/');
 
 export function formatNbdUri(a: NbdAddress): string {
-  const scheme = (a.tls === 'require' ? 'nbds' : 'nbd') + (a.socket !== undefined ? '+unix' : '');
+  const scheme = (a.tls === 'require' ? 'nbds' : 'nbd') + (a.socket !== undefined ? '+unix' : a.cid !== undefined ? '+vsock' : '');
   const user = a.tlsUsername ? `${encodeURIComponent(a.tlsUsername)}@` : '';
   let host = '';
-  if (a.socket === undefined) {
+  if (a.cid !== undefined) {
+    host = String(a.cid);
+    if (a.port && a.port !== NBD_DEFAULT_PORT) host += `:${a.port}`;
+  } else if (a.socket === undefined) {
     host = a.host && a.host.includes(':') ? `[${a.host}]` : a.host ?? 'localhost';
     if (a.port && a.port !== NBD_DEFAULT_PORT) host += `:${a.port}`;
   }

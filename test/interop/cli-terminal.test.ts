@@ -94,6 +94,8 @@ describe('--help fits the terminal', () => {
       '-C, --connections': 'number',
       '--destination-is-zero, --target-is-zero': 'boolean',
       '--flush': 'boolean',
+      '--format': 'string',
+      '--target-format': 'string',
       '--no-extents': 'boolean',
       '--pipe-format': 'string',
       '--dirty-bitmap': 'string',

@@ -296,6 +296,15 @@ describe('errors', () => {
     // The largest safe offset is passed through intact: past EOF, so no data.
     expect(seekData(fd, 2 ** 53 - 1)).toBe(-1);
   });
+
+  it('vsock calls take a CID and port below 2^32 and a callback (test/interop/vsock.test.ts uses them)', () => {
+    const n = native!;
+    expect(() => n.vsockListen(0xffffffff, 2 ** 32)).toThrow(/^port must be below 2\^32$/);
+    expect(() => n.vsockListen(-1, 1)).toThrow(RangeError);
+    expect(() => n.vsockConnect(1.5, 1, () => {})).toThrow(RangeError);
+    expect(() => n.vsockConnect('1' as unknown as number, 1, () => {})).toThrow(TypeError);
+    expect(() => n.vsockConnect(1, 1, undefined as unknown as () => void)).toThrow(/^callback must be a function$/);
+  });
 });
 
 // Loop device: needs root and a working losetup (skipped with the reason otherwise, never in CI).

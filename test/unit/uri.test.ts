@@ -19,7 +19,20 @@ describe('parseNbdUri', () => {
     const a = parseNbdUri('nbds+unix://bob@/e?socket=/s&tls-psk-file=/k.psk&tls-verify-peer=0&tls-hostname=h&tls-certificates=/d');
     expect(a).toMatchObject({ tls: 'require', tlsUsername: 'bob', tlsPskFile: '/k.psk', tlsVerifyPeer: false, tlsHostname: 'h', tlsCertificates: '/d' });
   });
+  it('parses vsock URIs: nbd+vsock://CID[:PORT]/EXPORT, default port 10809', () => {
+    expect(parseNbdUri('nbd+vsock://1/')).toEqual({ cid: 1, port: 10809, exportName: '', tls: 'off', tlsVerifyPeer: true });
+    expect(parseNbdUri('nbd+vsock://3:4294967295/disk%201')).toMatchObject({ cid: 3, port: 4294967295, exportName: 'disk 1' });
+    expect(parseNbdUri('nbd+vsock://2')).toMatchObject({ cid: 2, port: 10809, exportName: '' });
+    expect(parseNbdUri('NBDS+VSOCK://alice@2:10810/e?tls-psk-file=/k')).toMatchObject({ cid: 2, port: 10810, tls: 'require', tlsUsername: 'alice', tlsPskFile: '/k' });
+    expect(parseNbdUri('nbd+vsock://1/').host).toBeUndefined();
+  });
   const bad: Array<[string, RegExp]> = [
+    ['nbd+vsock:///e', /^invalid NBD URI: nbd\+vsock:\/\/ needs a CID: nbd\+vsock:\/\/CID\[:PORT\]\/EXPORT$/],
+    ['nbd+vsock://host/', /^invalid NBD URI: bad vsock CID "host": expected CID\[:PORT\] in decimal$/],
+    ['nbd+vsock://4294967296/', /^invalid NBD URI: bad vsock CID "4294967296"$/],
+    ['nbd+vsock://1:4294967296/', /^invalid NBD URI: bad vsock port "4294967296"$/],
+    ['nbd+vsock://1/?socket=/s', /only valid with nbd\+unix/],
+    ['nbd+vsock://1/?tls-psk-file=/k', /non-TLS scheme/],
     ['http://x/', /unknown scheme "http"/],
     ['nbd:/x', /expected nbd:\/\//],
     ['/dev/sda', /expected nbd:\/\//],
@@ -42,7 +55,7 @@ describe('parseNbdUri', () => {
       }
     });
   it('formats what it parses', () => {
-    for (const u of ['nbd://example.com/disk', 'nbds://alice@[::1]:1234/e', 'nbd+unix:///x?socket=/tmp/s', 'nbds+unix:///?socket=/s&tls-psk-file=/k'])
+    for (const u of ['nbd://example.com/disk', 'nbds://alice@[::1]:1234/e', 'nbd+unix:///x?socket=/tmp/s', 'nbds+unix:///?socket=/s&tls-psk-file=/k', 'nbd+vsock://1/', 'nbds+vsock://bob@2:1234/e'])
       expect(formatNbdUri(parseNbdUri(u))).toBe(u);
   });
 });
