@@ -6,7 +6,6 @@ import * as fs from 'node:fs';
 import yargs from 'yargs';
 import { copy, checkRequestSize, type CopySummary } from '../lib/copy.js';
 import { NbdStreamError } from '../lib/errors.js';
-import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE } from '../lib/streams/extent-source.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
@@ -76,7 +75,7 @@ function capabilityLine(ep: Endpoint): string {
     .filter(([, v]) => typeof v === 'boolean')
     .map(([k, v]) => `${k}=${v ? 1 : 0}`)
     .join(' ');
-  return `${ep.name}: size=${ep.size ?? 'unknown'} ${flags} preferredBlockSize=${c.preferredBlockSize} maxRequest=${c.maxRequest}`;
+  return `${ep.name}: size=${ep.exactSize ?? ep.size ?? 'unknown'} ${flags} preferredBlockSize=${c.preferredBlockSize} maxRequest=${c.maxRequest}`;
 }
 
 async function main(): Promise<void> {
@@ -249,12 +248,12 @@ async function main(): Promise<void> {
       ...options,
       onProgress: progress !== undefined ? (_done, _total, p) => onProgress(p) : undefined,
       onOpen: verbose
-        ? (s, d) => {
+        ? (s, d, sizes) => {
             process.stderr.write(`nbdstream: source ${capabilityLine(s)}\n`);
             process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
             if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
             process.stderr.write(
-              `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
+              `nbdstream: request-size=${sizes.requestSize} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : options.connections ?? 4} queue-size=${sizes.queueSize} sparse=${sizes.sparse}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
             );
           }
         : undefined,

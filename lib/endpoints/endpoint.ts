@@ -71,8 +71,14 @@ export interface ZeroOptions {
 export interface Endpoint {
   /** Name for messages and errors: the URI, path or "-". */
   readonly name: string;
-  /** Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. */
+  /**
+   * Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. Exact below
+   * 2^53; from there on (an NBD export may be up to 2^63 - 1 bytes) the nearest double, right for
+   * comparisons with smaller sizes but not for offsets: such an endpoint is only a target.
+   */
   readonly size: number | undefined;
+  /** The exact size when it is 2^53 or more (`size` is then rounded). */
+  readonly exactSize?: bigint;
   readonly capabilities: Capabilities;
   /** Extents from `offset`: consecutive, first starts at offset; may cover less than length. */
   extents(offset: number, length: number): Promise<ExtentRun[]>;

@@ -19,6 +19,16 @@ export function describeSpec(spec: EndpointSpec): string {
   return Array.isArray(spec) ? `[ ${spec.join(' ')} ]` : spec;
 }
 
+/**
+ * Sources are walked with offsets as JS numbers: one of 2^53 bytes or more (an NBD export may be
+ * up to 2^63 - 1) is refused here, before anything is written. Targets of any size are fine.
+ */
+async function sizedForMode(ep: Endpoint, mode: OpenMode): Promise<Endpoint> {
+  if (mode !== 'source' || ep.exactSize === undefined) return ep;
+  await ep.close().catch(() => undefined);
+  throw new NbdStreamError('ERR_UNSUPPORTED', `source size ${ep.exactSize} is larger than 2^53 - 1 bytes, the largest source nbdstream can read`, { endpoint: ep.name });
+}
+
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
   if (mode !== 'source' && opts.dirtyBitmap !== undefined) opts = { ...opts, dirtyBitmap: undefined };
   if (Array.isArray(spec)) {
@@ -26,13 +36,13 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
     const [{ startActivated }, { openNbd }] = await Promise.all([import('./command.js'), import('./nbd.js')]);
     const server = await startActivated(spec, { name });
     try {
-      return await openNbd(server.uri, opts, name, () => server.stop());
+      return await sizedForMode(await openNbd(server.uri, opts, name, () => server.stop()), mode);
     } catch (err) {
       await server.stop();
       throw err;
     }
   }
-  if (isNbdUri(spec)) return (await import('./nbd.js')).openNbd(spec, opts);
+  if (isNbdUri(spec)) return sizedForMode(await (await import('./nbd.js')).openNbd(spec, opts), mode);
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
   if (spec === 'null:') {
     if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination, not a source');

@@ -2,7 +2,9 @@
  * ZeroDetect: a streamx Transform applying -S N. In each data chunk, every N-aligned block (by
  * absolute offset) of zero bytes becomes zero instead of data; adjacent zero blocks and adjacent
  * data blocks inside the chunk merge, so a chunk turns into alternating data and zero chunks. An
- * unaligned head or tail is data. Zero chunks and N = 0 pass through unchanged. A data chunk whose
+ * unaligned head or tail is data. As in nbdcopy, which looks for zero blocks in each request it
+ * read, zero runs found this way end at request-size boundaries (the pieces a chunk of several
+ * was read as): one zero request per piece. Zero chunks and N = 0 pass through unchanged. A data chunk whose
  * zero blocks for this N were found as it arrived (chunk.zeroBlocks, from the native NBD reader)
  * is split by them without looking at its bytes.
  */
@@ -22,10 +24,28 @@ export function isZero(buf: Buffer, start: number, end: number): boolean {
   return zeroes.compare(buf, start, end, 0, n) === 0;
 }
 
-/** Split one data chunk into data/zero chunks at N-aligned zero blocks. */
-export function splitZeroBlocks(c: Chunk, n: number): Chunk[] {
-  if (c.kind !== 'data' || n <= 0 || c.length < n) return [c];
-  return splitAtZeroes(c, c.zeroBlocks?.blockSize === n ? c.zeroBlocks.runs : zeroBlockRuns(c, n));
+/**
+ * Split one data chunk into data/zero chunks at N-aligned zero blocks; with `pieceSize` (the
+ * request size), zero chunks are cut at its multiples.
+ */
+export function splitZeroBlocks(c: Chunk, n: number, pieceSize = 0): Chunk[] {
+  // blocks larger than a piece fit in none (nbdcopy then writes everything)
+  if (c.kind !== 'data' || n <= 0 || c.length < n || (pieceSize > 0 && n > pieceSize)) return [c];
+  const out = splitAtZeroes(c, c.zeroBlocks?.blockSize === n ? c.zeroBlocks.runs : zeroBlockRuns(c, n));
+  return pieceSize > 0 ? out.flatMap((z) => (z.kind === 'zero' ? cutAt(z, pieceSize) : [z])) : out;
+}
+
+/** A zero chunk cut at multiples of `size`. */
+function cutAt(z: Chunk, size: number): Chunk[] {
+  const end = z.offset + z.length;
+  if (z.offset - (z.offset % size) + size >= end) return [z];
+  const out: Chunk[] = [];
+  for (let o = z.offset; o < end; ) {
+    const e = Math.min(end, o - (o % size) + size);
+    out.push({ offset: o, length: e - o, kind: 'zero' });
+    o = e;
+  }
+  return out;
 }
 
 /** The N-aligned whole blocks of a data chunk that are all zero bytes, as merged runs. */
@@ -42,12 +62,17 @@ function zeroBlockRuns(c: Chunk, n: number): ZeroBlockMap['runs'] {
 }
 
 export class ZeroDetect extends Transform {
-  constructor(private readonly sparse: number, queueSize = DEFAULT_QUEUE_SIZE) {
+  /** `pieceSize`: the request size, where zero runs found by -S are cut (0: not cut). */
+  constructor(
+    private readonly sparse: number,
+    queueSize = DEFAULT_QUEUE_SIZE,
+    private readonly pieceSize = 0,
+  ) {
     super({ highWaterMark: Math.min(queueSize, STAGE_BUFFER), byteLength: (c) => chunkBytes(c as Chunk) });
   }
 
   override _transform(c: unknown, cb: (err: Error | null, data?: unknown) => void): void {
-    for (const out of splitZeroBlocks(c as Chunk, this.sparse)) this.push(out);
+    for (const out of splitZeroBlocks(c as Chunk, this.sparse, this.pieceSize)) this.push(out);
     cb(null);
   }
 }
