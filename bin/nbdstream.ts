@@ -6,7 +6,6 @@ import * as fs from 'node:fs';
 import yargs from 'yargs';
 import { copy, checkRequestSize, copyThreads, type CopySummary } from '../lib/copy.js';
 import { NbdStreamError } from '../lib/errors.js';
-import { DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_SIZE } from '../lib/streams/extent-source.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
@@ -79,7 +78,7 @@ function capabilityLine(ep: Endpoint): string {
     .filter(([, v]) => typeof v === 'boolean')
     .map(([k, v]) => `${k}=${v ? 1 : 0}`)
     .join(' ');
-  return `${ep.name}: size=${ep.size ?? 'unknown'} ${flags} preferredBlockSize=${c.preferredBlockSize} maxRequest=${c.maxRequest}`;
+  return `${ep.name}: size=${ep.exactSize ?? ep.size ?? 'unknown'} ${flags} preferredBlockSize=${c.preferredBlockSize} maxRequest=${c.maxRequest}`;
 }
 
 /** The options (yargs' .options() map; `value` is how --help shows the value: [size] takes K/M/G). */
@@ -279,7 +278,7 @@ async function main(): Promise<void> {
     summary = await copy(src, dst, {
       ...options,
       onProgress: progress !== undefined ? (_done, _total, p) => onProgress(p) : undefined,
-      onOpen: (s, d) => {
+      onOpen: (s, d, sizes) => {
         if (s.imageFormat && options.format === undefined)
           process.stderr.write(`nbdstream: warning: ${s.name} is a ${s.imageFormat} image, copied as raw bytes (use --format=auto to copy the disk inside)\n`);
         if (verbose) {
@@ -287,7 +286,7 @@ async function main(): Promise<void> {
           process.stderr.write(`nbdstream: destination ${capabilityLine(d)}\n`);
           if (nativeLoadError) process.stderr.write(`nbdstream: native addon unavailable (${nativeLoadError}): files use dense extents and zero by writing zeroes\n`);
           process.stderr.write(
-            `nbdstream: request-size=${requestSize ?? DEFAULT_REQUEST_SIZE} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads))} threads=${copyThreads(options.threads)} queue-size=${options.queueSize ?? DEFAULT_QUEUE_SIZE} sparse=${options.allocated ? 0 : options.sparse ?? 4096}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
+            `nbdstream: request-size=${sizes.requestSize} requests=${options.synchronous ? 1 : options.requests ?? 64} connections=${options.synchronous ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads))} threads=${copyThreads(options.threads)} queue-size=${sizes.queueSize} sparse=${sizes.sparse}${options.noExtents ? ' no-extents' : ''}${options.allocated ? ' allocated' : ''}${options.destinationIsZero ? ' destination-is-zero' : ''}\n`,
           );
         }
       },

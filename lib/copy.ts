@@ -85,8 +85,20 @@ export interface CopyOptions {
    * report (phase, rates, counters) — called as work completes, ending with phase "done".
    */
   onProgress?: (done: number, total: number | undefined, progress: CopyProgress) => void;
-  /** Called once both endpoints are open (e.g. to print -v details). */
-  onOpen?: (src: Endpoint, dst: Endpoint) => void;
+  /** Called once both endpoints are open (e.g. to print -v details), with the sizes in force. */
+  onOpen?: (src: Endpoint, dst: Endpoint, sizes: CopySizes) => void;
+}
+
+/**
+ * The sizes a copy runs with, once the endpoints are open. As nbdcopy: the request size is at
+ * least either endpoint's preferred block size, and -S (when on) at least the target's, so every
+ * request the target gets is aligned to what it advertises.
+ */
+export interface CopySizes {
+  requestSize: number;
+  /** -S block size; 0 = off. */
+  sparse: number;
+  queueSize: number;
 }
 
 export interface CopySummary extends CopyStats {
@@ -98,26 +110,28 @@ export interface CopySummary extends CopyStats {
   verified?: boolean;
 }
 
+const MAX_REQUEST_SIZE = 32 * 1024 * 1024;
+
 /** The threads nbdcopy would use: -T, or the processor cores for 0 or none. */
 export function copyThreads(threads?: number): number {
   return threads || availableParallelism();
 }
 
 export function checkRequestSize(n: number): void {
-  if (!Number.isInteger(n) || n < 4096 || n > 32 * 1024 * 1024 || (n & (n - 1)) !== 0)
+  if (!Number.isInteger(n) || n < 4096 || n > MAX_REQUEST_SIZE || (n & (n - 1)) !== 0)
     throw new NbdStreamError('ERR_USAGE', `--request-size must be a power of two between 4096 and 33554432, not ${n}`);
 }
 
 export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | Endpoint, options: CopyOptions = {}): Promise<CopySummary> {
   const started = process.hrtime.bigint();
-  const requestSize = options.requestSize ?? DEFAULT_REQUEST_SIZE;
+  let requestSize = options.requestSize ?? DEFAULT_REQUEST_SIZE;
   checkRequestSize(requestSize);
   const sync = options.synchronous ?? false;
   const requests = sync ? 1 : options.requests ?? 64;
-  const queueSize = Math.max(options.queueSize ?? DEFAULT_QUEUE_SIZE, requestSize);
+  let queueSize = Math.max(options.queueSize ?? DEFAULT_QUEUE_SIZE, requestSize);
   const connections = sync ? 1 : Math.min(options.connections ?? 4, copyThreads(options.threads));
   const allocated = options.allocated ?? false;
-  const sparse = allocated ? 0 : options.sparse ?? 4096;
+  let sparse = allocated ? 0 : options.sparse ?? 4096;
   const openOpts = { connections, requests, queueSize, readRequestSize: requestSize, timeout: options.timeout, retries: options.retries };
   const hashSpec = (options.blkhash !== undefined && options.blkhash !== false) || options.verify ? blkhashSpec(options.blkhash) : undefined;
 
@@ -139,7 +153,11 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     if (s.size !== undefined && d.size !== undefined && d.size < s.size)
       throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${d.size} < ${s.size} bytes)`, { endpoint: d.name });
     if (options.verify) checkVerifiable(s, d);
-    options.onOpen?.(s, d);
+    // the endpoints' block sizes (CopySizes)
+    requestSize = Math.min(MAX_REQUEST_SIZE, Math.max(requestSize, s.capabilities.preferredBlockSize, d.capabilities.preferredBlockSize));
+    queueSize = Math.max(queueSize, requestSize);
+    if (sparse) sparse = Math.max(sparse, d.capabilities.preferredBlockSize);
+    options.onOpen?.(s, d, { requestSize, sparse, queueSize });
 
     const stats = newStats();
     // --queue-size bounds the copy's read buffers from the read until the sink has written
@@ -161,8 +179,8 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
       stats,
       onProgress: tracker ? (done) => tracker.copied(done) : undefined,
     });
-    if (hash) await pipelinePromise(source, hash, new ZeroDetect(sparse, queueSize), sink);
-    else await pipelinePromise(source, new ZeroDetect(sparse, queueSize), sink);
+    if (hash) await pipelinePromise(source, hash, new ZeroDetect(sparse, queueSize, requestSize), sink);
+    else await pipelinePromise(source, new ZeroDetect(sparse, queueSize, requestSize), sink);
     const size = s.size ?? stats.bytesRead;
     const blkhash = hash ? { ...hash.hasher.spec, digest: hash.hasher.digest() } : undefined;
     let verified: boolean | undefined;

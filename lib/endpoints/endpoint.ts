@@ -76,8 +76,14 @@ export interface Endpoint {
    * two endpoints with the same identity are the same storage.
    */
   readonly identity?: string;
-  /** Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. */
+  /**
+   * Size in bytes; undefined for a source of unknown size (a pipe), read to EOF. Exact below
+   * 2^53; from there on (an NBD export may be up to 2^63 - 1 bytes) the nearest double, right for
+   * comparisons with smaller sizes but not for offsets: such an endpoint is only a target.
+   */
   readonly size: number | undefined;
+  /** The exact size when it is 2^53 or more (`size` is then rounded). */
+  readonly exactSize?: bigint;
   readonly capabilities: Capabilities;
   /**
    * A file source whose header is a disk image format (lib/image-format.ts): its bytes are

@@ -36,7 +36,8 @@ export class NbdEndpoint implements Endpoint {
       canTrim: client.canTrim,
       canFlush: client.canFlush,
       canMultiConn: client.canMultiConn,
-      preferredBlockSize: Math.max(bs.preferred, 4096),
+      // what the server advertises, else 4096 (the handshake's default), as nbdcopy
+      preferredBlockSize: bs.preferred,
       maxRequest: client.maxPayload,
       isZeroInitialised: false,
       seekable: true,
@@ -47,6 +48,10 @@ export class NbdEndpoint implements Endpoint {
 
   get size(): number {
     return this.client.size;
+  }
+
+  get exactSize(): bigint | undefined {
+    return this.client.exactSize;
   }
 
   async extents(offset: number, length: number): Promise<ExtentRun[]> {

@@ -34,12 +34,22 @@ export async function openCommand(argv: string[], opts: OpenOptions, name: strin
   }
 }
 
+/**
+ * Sources are walked with offsets as JS numbers: one of 2^53 bytes or more (an NBD export may be
+ * up to 2^63 - 1) is refused here, before anything is written. Targets of any size are fine.
+ */
+async function sizedForMode(ep: Endpoint, mode: OpenMode): Promise<Endpoint> {
+  if (mode !== 'source' || ep.exactSize === undefined) return ep;
+  await ep.close().catch(() => undefined);
+  throw new NbdStreamError('ERR_UNSUPPORTED', `source size ${ep.exactSize} is larger than 2^53 - 1 bytes, the largest source nbdstream can read`, { endpoint: ep.name });
+}
+
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
   if (mode !== 'source' && opts.dirtyBitmap !== undefined) opts = { ...opts, dirtyBitmap: undefined };
   if (opts.format !== undefined && (Array.isArray(spec) || spec === '-' || spec === 'null:' || /^[a-z][a-z0-9+.-]*:\/\//i.test(spec)))
     throw new NbdStreamError('ERR_USAGE', `${mode === 'source' ? '--format' : '--target-format'} applies to a file ${mode}`, { endpoint: describeSpec(spec) });
-  if (Array.isArray(spec)) return openCommand(spec, opts, describeSpec(spec));
-  if (isNbdUri(spec)) return (await import('./nbd.js')).openNbd(spec, opts);
+  if (Array.isArray(spec)) return sizedForMode(await openCommand(spec, opts, describeSpec(spec)), mode);
+  if (isNbdUri(spec)) return sizedForMode(await (await import('./nbd.js')).openNbd(spec, opts), mode);
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
   if (spec === 'null:') {
     if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination, not a source');

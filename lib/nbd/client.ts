@@ -185,7 +185,9 @@ export class NbdClient {
       zeroBlockSize: options.zeroBlockSize ?? 0,
     };
     const first = await NbdConnection.open(address, copts);
-    const client = new NbdClient(address, endpoint, [first], copts, options.retries ?? 0, options.readRequestSize ?? Infinity);
+    // reads are never split below the server's preferred block size (nor so its minimum)
+    const readRequestSize = Math.max(options.readRequestSize ?? Infinity, first.info.blockSize.preferred);
+    const client = new NbdClient(address, endpoint, [first], copts, options.retries ?? 0, readRequestSize);
     const want = Math.max(1, options.connections ?? 1);
     if (want > 1 && first.info.flags & NBD_FLAG_CAN_MULTI_CONN) client.toJoin = want - 1;
     return client;
@@ -235,8 +237,13 @@ export class NbdClient {
     return this.conns.length;
   }
 
+  /** Export size: exact below 2^53, else the nearest double (see exactSize). */
   get size(): number {
     return this.conns[0].info.size;
+  }
+  /** The exact export size when it is 2^53 or more (up to 2^63 - 1); undefined below. */
+  get exactSize(): bigint | undefined {
+    return this.conns[0].info.exactSize;
   }
   /** Transmission flags (NBD_FLAG_*). */
   get flags(): number {
@@ -307,8 +314,10 @@ export class NbdClient {
   private check(type: number, offset: number, length: number, write: boolean): void {
     const cmd = commandName(type);
     if (write && this.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', `${cmd}: export is read-only`, { endpoint: this.endpoint, offset, command: cmd });
+    // a size of 2^53 or more is a rounded double: rounding keeps order, so the test stays right
+    // for every request that can be made (offsets are safe integers)
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size)
-      throw new NbdStreamError('ERR_RANGE', `${cmd}: range ${offset}+${length} is outside the export (size ${this.size})`, { endpoint: this.endpoint, offset, command: cmd });
+      throw new NbdStreamError('ERR_RANGE', `${cmd}: range ${offset}+${length} is outside the export (size ${this.exactSize ?? this.size})`, { endpoint: this.endpoint, offset, command: cmd });
     const min = this.blockSize.minimum;
     if (min > 1 && (offset % min !== 0 || length % min !== 0))
       throw new NbdStreamError('ERR_ALIGNMENT', `${cmd}: range ${offset}+${length} is not aligned to the server's minimum block size ${min}`, {

@@ -45,6 +45,16 @@ export function readU64(buf: Buffer, pos: number): number {
   return hi * TWO_32 + buf.readUInt32BE(pos + 4);
 }
 
+/** Largest export size NBD allows (sizes are signed 64-bit in practice: libnbd and qemu refuse more). */
+export const MAX_EXPORT_SIZE = 2n ** 63n - 1n;
+
+/** An export size, exact; 2^63 or more is a protocol error. */
+function readExportSize(buf: Buffer, pos: number): bigint {
+  const size = buf.readBigUInt64BE(pos);
+  if (size > MAX_EXPORT_SIZE) throw protocolError(`export size ${size} is larger than 2^63 - 1`);
+  return size;
+}
+
 // ---------------------------------------------------------------- handshake
 
 /** First 16 bytes from the server: NBDMAGIC then IHAVEOPT (newstyle). */
@@ -71,7 +81,7 @@ export function parseOptionReplyHeader(buf: Buffer): OptionReplyHeader {
 }
 
 export type InfoReply =
-  | { type: typeof NBD_INFO_EXPORT; size: number; flags: number }
+  | { type: typeof NBD_INFO_EXPORT; size: bigint; flags: number }
   | { type: typeof NBD_INFO_BLOCK_SIZE; minimum: number; preferred: number; maximum: number }
   | { type: number };
 
@@ -81,9 +91,7 @@ export function parseInfoReply(data: Buffer): InfoReply {
   const type = data.readUInt16BE(0);
   if (type === NBD_INFO_EXPORT) {
     if (data.length !== 12) throw protocolError(`NBD_INFO_EXPORT has length ${data.length}, expected 12`);
-    const size = readU64(data, 2);
-    if (!Number.isFinite(size)) throw protocolError('export size is larger than 2^53');
-    return { type, size, flags: data.readUInt16BE(10) };
+    return { type, size: readExportSize(data, 2), flags: data.readUInt16BE(10) };
   }
   if (type === NBD_INFO_BLOCK_SIZE) {
     if (data.length !== 14) throw protocolError(`NBD_INFO_BLOCK_SIZE has length ${data.length}, expected 14`);
@@ -105,11 +113,9 @@ export function parseMetaContextReply(data: Buffer): { id: number; name: string 
 }
 
 /** Reply to NBD_OPT_EXPORT_NAME: size and transmission flags (10 bytes, then 124 zeroes unless NO_ZEROES). */
-export function parseExportNameReply(buf: Buffer): { size: number; flags: number } {
+export function parseExportNameReply(buf: Buffer): { size: bigint; flags: number } {
   if (buf.length < 10) throw protocolError('short NBD_OPT_EXPORT_NAME reply');
-  const size = readU64(buf, 0);
-  if (!Number.isFinite(size)) throw protocolError('export size is larger than 2^53');
-  return { size, flags: buf.readUInt16BE(8) };
+  return { size: readExportSize(buf, 0), flags: buf.readUInt16BE(8) };
 }
 
 // ---------------------------------------------------------------- transmission

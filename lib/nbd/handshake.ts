@@ -52,7 +52,13 @@ export interface BlockSizeConstraints {
 }
 
 export interface ExportInfo {
+  /**
+   * Export size in bytes: exact below 2^53; above, the nearest double (right for comparing with
+   * any size below 2^53, not for offsets) and `exactSize` holds it exactly.
+   */
   size: number;
+  /** The exact size when it is 2^53 or more (NBD allows up to 2^63 - 1). */
+  exactSize?: bigint;
   /** Transmission flags (NBD_FLAG_*). */
   flags: number;
   structuredReplies: boolean;
@@ -85,6 +91,11 @@ function describeRefusal(what: string, type: number, data: Buffer): string {
 
 function tlsRequired(): NbdStreamError {
   return handshakeError('server requires TLS; use an nbds:// or nbds+unix:// URI with credentials', 'ERR_TLS');
+}
+
+function setSize(info: ExportInfo, size: bigint): void {
+  info.size = Number(size);
+  if (size > BigInt(Number.MAX_SAFE_INTEGER)) info.exactSize = size;
 }
 
 export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptions): Promise<ExportInfo> {
@@ -148,7 +159,7 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
       if (r.type === NBD_REP_INFO) {
         const i = parseInfoReply(r.data);
         if (i.type === NBD_INFO_EXPORT && 'size' in i) {
-          info.size = i.size;
+          setSize(info, i.size);
           info.flags = i.flags;
           haveExport = true;
         } else if (i.type === NBD_INFO_BLOCK_SIZE && 'minimum' in i) {
@@ -188,7 +199,7 @@ async function exportName(ch: HandshakeChannel, opts: HandshakeOptions, info: Ex
     throw err;
   }
   const r = parseExportNameReply(reply);
-  info.size = r.size;
+  setSize(info, r.size);
   info.flags = r.flags;
   info.oldNegotiation = true;
   return info;

@@ -80,11 +80,50 @@ export async function nbdkit(plugin: string, args: string[] = [], o: NbdkitOptio
   return { uri, socket, dir, logFile, proc, pid: proc.pid, stop: () => stopProc(proc, dir) };
 }
 
-/** Start `qemu-nbd -f FORMAT -t FILE` on a private Unix socket. */
-export async function qemuNbd(file: string, o: { format?: string; readOnly?: boolean; extra?: string[] } = {}): Promise<Server> {
+export interface EvalTarget extends Server {
+  /** The logged calls, "pwrite COUNT OFFSET FLAGS" / "zero …" / "trim …", sorted by offset. */
+  calls(): string[];
+}
+
+/**
+ * A writable nbdkit eval export of `size` bytes (any size nbdkit reads, e.g. "7E") that logs
+ * every pwrite, zero and trim call and reads as zeroes. `extra` follows the plugin's arguments
+ * (e.g. a filter's parameters); its stop() also removes the log.
+ */
+export async function evalTarget(size: string | number, o: NbdkitOptions = {}, extra: string[] = []): Promise<EvalTarget> {
+  const dir = tmpDir('nbdstream-eval-');
+  const log = path.join(dir, 'calls');
+  fs.writeFileSync(log, '');
+  const s = await nbdkit(
+    'eval',
+    [
+      `get_size=echo ${size}`,
+      'can_write=exit 0',
+      'can_zero=exit 0',
+      'can_trim=exit 0',
+      `pwrite=cat >/dev/null; echo "pwrite $3 $4 $5" >> ${log}`,
+      `zero=echo "zero $3 $4 $5" >> ${log}`,
+      `trim=echo "trim $3 $4 $5" >> ${log}`,
+      'pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none',
+      ...extra,
+    ],
+    o,
+  );
+  const calls = () =>
+    fs
+      .readFileSync(log, 'utf8')
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean)
+      .sort((a, b) => Number(a.split(' ')[2]) - Number(b.split(' ')[2]));
+  return { ...s, calls, stop: async () => (await s.stop(), fs.rmSync(dir, { recursive: true, force: true })) };
+}
+
+/** Start `qemu-nbd -f FORMAT -t FILE` (or `--image-opts OPTIONS`) on a private Unix socket. */
+export async function qemuNbd(file: string, o: { format?: string; readOnly?: boolean; extra?: string[]; imageOpts?: boolean } = {}): Promise<Server> {
   const dir = tmpDir();
   const socket = path.join(dir, 'sock');
-  const argv = ['-f', o.format ?? 'raw', '-k', socket, '-t', '-e', '8', '--cache=writeback', ...(o.readOnly ? ['-r'] : []), ...(o.extra ?? []), file];
+  const argv = [...(o.imageOpts ? ['--image-opts'] : ['-f', o.format ?? 'raw']), '-k', socket, '-t', '-e', '8', '--cache=writeback', ...(o.readOnly ? ['-r'] : []), ...(o.extra ?? []), file];
   const proc = spawn('qemu-nbd', argv, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   proc.stderr!.on('data', (d) => (stderr += d));

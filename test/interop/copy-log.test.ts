@@ -6,8 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
-import * as path from 'node:path';
-import { logLines, nbdkit, type Server } from '../helpers/servers.js';
+import { evalTarget, logLines, nbdkit, type EvalTarget, type Server } from '../helpers/servers.js';
 import { serversPerTest } from '../helpers/fixtures.js';
 import { ok, run } from '../helpers/cli.js';
 
@@ -20,33 +19,9 @@ function source(): Promise<Server> {
   return kit('data', ['1 @1073741823 1 @4294967295 1 1', `size=${SIZE}`], { readOnly: true });
 }
 
-/** An eval target of SIZE bytes that appends "pwrite COUNT OFFSET FLAGS" / "zero ..." lines to a log. */
-async function evalTarget(): Promise<{ server: Server; log: () => string[] }> {
-  const dir = fs.mkdtempSync('/tmp/nbdstream-eval-');
-  const log = path.join(dir, 'calls');
-  fs.writeFileSync(log, '');
-  const s = await nbdkit('eval', [
-    `get_size=echo ${SIZE}`,
-    'can_write=exit 0',
-    'can_zero=exit 0',
-    'can_trim=exit 0',
-    `pwrite=cat >/dev/null; echo "pwrite $3 $4 $5" >> ${log}`,
-    `zero=echo "zero $3 $4 $5" >> ${log}`,
-    `trim=echo "trim $3 $4 $5" >> ${log}`,
-    'pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none',
-  ]);
-  track({ ...s, stop: async () => (await s.stop(), fs.rmSync(dir, { recursive: true, force: true })) });
-  return {
-    server: s,
-    log: () =>
-      fs
-        .readFileSync(log, 'utf8')
-        .trim()
-        .split('\n')
-        .filter(Boolean)
-        .map((l) => l.trim())
-        .sort((a, b) => Number(a.split(' ')[2]) - Number(b.split(' ')[2])),
-  };
+/** An eval target of SIZE bytes logging its pwrite/zero/trim calls (tracked: stopped after the test). */
+async function target(): Promise<EvalTarget> {
+  return track(await evalTarget(SIZE));
 }
 
 /** The expected zero calls: [from, to) cut at 128 MiB boundaries. */
@@ -76,28 +51,28 @@ function expected(flags: string): string[] {
 describe('request logs on the target', () => {
   it('writes only the pages holding data and the 1-byte tail; zeroes the rest with may_trim, split at 128 MiB', async () => {
     const src = await source();
-    const dst = await evalTarget();
-    const r = await run(['--request-size=32768', '-S', '0', src.uri, dst.server.uri]);
+    const dst = await target();
+    const r = await run(['--request-size=32768', '-S', '0', src.uri, dst.uri]);
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
-    expect(dst.log()).toEqual(expected('may_trim'));
+    expect(dst.calls()).toEqual(expected('may_trim'));
   });
 
   it('--allocated zeroes without may_trim', async () => {
     const src = await source();
-    const dst = await evalTarget();
-    const r = await run(['--allocated', '--request-size=32768', '-S', '0', src.uri, dst.server.uri]);
+    const dst = await target();
+    const r = await run(['--allocated', '--request-size=32768', '-S', '0', src.uri, dst.uri]);
     expect(r.status).toBe(0);
-    expect(dst.log()).toEqual(expected(''));
+    expect(dst.calls()).toEqual(expected(''));
   });
 
   for (const flag of ['--destination-is-zero', '--target-is-zero'])
     it(`${flag} sends no zero requests at all`, async () => {
       const src = await source();
-      const dst = await evalTarget();
-      const r = await run([flag, '--request-size=32768', '-S', '0', src.uri, dst.server.uri]);
+      const dst = await target();
+      const r = await run([flag, '--request-size=32768', '-S', '0', src.uri, dst.uri]);
       expect(r.status).toBe(0);
-      expect(dst.log()).toEqual(writes);
+      expect(dst.calls()).toEqual(writes);
     });
 
   it('--no-extents reads everything and writes only full-size requests (-S 0)', async () => {

@@ -146,12 +146,12 @@ describe('handshake parsers', () => {
     const h = Buffer.from('0003e889045565a9' + '00000007' + '00000003' + '0000000c', 'hex');
     expect(parseOptionReplyHeader(h)).toEqual({ option: 7, type: 3, length: 12 });
     expect(() => parseOptionReplyHeader(Buffer.alloc(20))).toThrow(expect.objectContaining({ code: 'ERR_PROTOCOL' }));
-    expect(parseInfoReply(Buffer.from('0000' + '0000000100000000' + '0043', 'hex'))).toEqual({ type: 0, size: 2 ** 32, flags: 0x43 });
+    expect(parseInfoReply(Buffer.from('0000' + '0000000100000000' + '0043', 'hex'))).toEqual({ type: 0, size: 2n ** 32n, flags: 0x43 });
     expect(parseInfoReply(Buffer.from('0003' + '00000200' + '00001000' + '02000000', 'hex'))).toEqual({ type: 3, minimum: 512, preferred: 4096, maximum: 32 << 20 });
     expect(() => parseInfoReply(Buffer.from('0003' + '00000300' + '00001000' + '02000000', 'hex'))).toThrow(/invalid NBD_INFO_BLOCK_SIZE/);
     expect(() => parseInfoReply(Buffer.from('0000' + '00000001', 'hex'))).toThrow(/NBD_INFO_EXPORT has length 6/);
     expect(parseMetaContextReply(Buffer.from('00000005' + Buffer.from('base:allocation').toString('hex'), 'hex'))).toEqual({ id: 5, name: 'base:allocation' });
-    expect(parseExportNameReply(Buffer.from('0000000000100000' + '0003', 'hex'))).toEqual({ size: 1 << 20, flags: 3 });
+    expect(parseExportNameReply(Buffer.from('0000000000100000' + '0003', 'hex'))).toEqual({ size: 1n << 20n, flags: 3 });
   });
 });
 

@@ -107,6 +107,21 @@ describe('zero detection (-S)', () => {
     const t = splitZeroBlocks({ offset: 0, length: 4196, kind: 'data', data: Buffer.alloc(4196) }, 4096);
     expect(t.map((x) => `${x.kind} ${x.offset}+${x.length}`)).toEqual(['zero 0+4096', 'data 4096+100']);
   });
+  it('given the request size, splits as nbdcopy does per piece: zero runs end at pieces, the unaligned tail is apart, blocks larger than a piece are not found', () => {
+    const show = (cs: Chunk[]) => cs.map((x) => `${x.kind} ${x.offset}+${x.length}`);
+    // four 16 KiB pieces and a 100-byte tail; data in the first block and in the last whole block
+    const data = Buffer.alloc(4 * 16384 + 100);
+    data[0] = 1;
+    data[4 * 16384 - 1] = 1;
+    let released = 0;
+    const c: Chunk = { offset: 0, length: data.length, kind: 'data', data, release: () => released++ };
+    const parts = splitZeroBlocks(c, 4096, 16384);
+    expect(show(parts)).toEqual(['data 0+4096', 'zero 4096+12288', 'zero 16384+16384', 'zero 32768+16384', 'zero 49152+12288', 'data 61440+4096', 'data 65536+100']);
+    for (const p of parts) p.release?.();
+    expect(released).toBe(1);
+    expect(show(splitZeroBlocks(c, 4096))).toEqual(['data 0+4096', 'zero 4096+57344', 'data 61440+4196']);
+    expect(splitZeroBlocks(c, 32768, 16384)).toEqual([c]);
+  });
   it('splits a chunk whose zero blocks for this N are known (zeroBlocks) by them, unread; for another N it looks', () => {
     // the bytes say all zero: only the map is used for N = 4096
     const data = Buffer.alloc(5 * 4096 + 100);

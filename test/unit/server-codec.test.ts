@@ -64,7 +64,7 @@ describe('handshake encoders', () => {
   it('option replies, infos, LIST entries and meta contexts parse with the client parsers', () => {
     const r = encodeOptionReply(P.NBD_OPT_GO, P.NBD_REP_INFO, encodeInfoExport(2 ** 40 + 3, 0x1ed));
     expect(parseOptionReplyHeader(r)).toEqual({ option: P.NBD_OPT_GO, type: P.NBD_REP_INFO, length: 12 });
-    expect(parseInfoReply(r.subarray(20))).toEqual({ type: P.NBD_INFO_EXPORT, size: 2 ** 40 + 3, flags: 0x1ed });
+    expect(parseInfoReply(r.subarray(20))).toEqual({ type: P.NBD_INFO_EXPORT, size: 2n ** 40n + 3n, flags: 0x1ed });
     expect(parseInfoReply(encodeInfoBlockSize(1, 4096, 32 << 20))).toEqual({ type: P.NBD_INFO_BLOCK_SIZE, minimum: 1, preferred: 4096, maximum: 32 << 20 });
     expect(encodeInfoString(P.NBD_INFO_NAME, 'disk').toString('hex')).toBe('0001' + Buffer.from('disk').toString('hex'));
     expect(encodeInfoString(P.NBD_INFO_DESCRIPTION, 'a b').toString('hex')).toBe('0002' + Buffer.from('a b').toString('hex'));
@@ -77,7 +77,7 @@ describe('handshake encoders', () => {
   });
 
   it('EXPORT_NAME reply: 10 bytes with NO_ZEROES, else 124 zeroes more', () => {
-    expect(parseExportNameReply(encodeExportNameReply(1 << 20, 0x43, true))).toEqual({ size: 1 << 20, flags: 0x43 });
+    expect(parseExportNameReply(encodeExportNameReply(1 << 20, 0x43, true))).toEqual({ size: 1n << 20n, flags: 0x43 });
     const long = encodeExportNameReply(512, 1, false);
     expect(long.length).toBe(134);
     expect(long.subarray(10).equals(Buffer.alloc(124))).toBe(true);
