@@ -129,7 +129,7 @@ describe('fault matrix (built-in server)', () => {
     expect(await outcome('server fault (source)', 'cut every 6 MiB, retries=8', c.run, c.want)).toBe('identical');
   });
 
-  const violations: Violation[] = ['wrong-cookie', 'chunk-past-request', 'zero-length-extent', 'overlong-extent', 'bad-magic', 'truncated-header', 'oversized-payload', 'unasked-context', 'simple-after-structured'];
+  const violations: Violation[] = ['wrong-cookie', 'chunk-past-request', 'zero-length-extent', 'overlong-extent', 'bad-magic', 'truncated-header', 'oversized-payload', 'unasked-context', 'simple-after-structured', 'repeated-chunk', 'hole-over-data'];
   for (const v of violations)
     it(`source: protocol violation ${v}`, async () => {
       const c = await fromFaultySource({ violation: v });
