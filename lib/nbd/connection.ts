@@ -350,9 +350,10 @@ export class NbdConnection implements ReplyHandler {
   onSimpleReply(cookie: number, errno: number, zeroRuns?: ZeroRuns): void {
     const r = this.pending.get(cookie)!;
     this.zeroChecked(r, zeroRuns);
-    if (errno) r.error = this.serverError(r, errno, '', undefined);
-    if (errno === NBD_ESHUTDOWN) this.shutDown();
-    else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
+    if (errno) {
+      r.error = this.serverError(r, errno, '', undefined);
+      if (errno === NBD_ESHUTDOWN) this.shutDown();
+    } else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
     else r.covered = r.length;
     this.finish(r);
   }
