@@ -123,7 +123,7 @@ describe('--retries', () => {
     cleanups.push(() => server.kill('SIGKILL'));
     const out = path.join(dir, 'out.img');
     let finished = false;
-    const copying = run([`--retries=${retries}`, '--request-size=64K', '-R', '1', '-C', String(connections), `nbd+unix:///?socket=${socket}`, out]).finally(
+    const copying = run([`--retries=${retries}`, '--request-size=64K', '-R', '1', '-C', String(connections), '-T', String(connections), `nbd+unix:///?socket=${socket}`, out]).finally(
       () => (finished = true),
     );
     while (!fs.existsSync(out) && !finished) await new Promise((r) => setTimeout(r, 10));
