@@ -102,7 +102,7 @@ const OPTIONS = {
   summary: { type: 'string', describe: 'Print the final summary as a JSON object on stdout (--summary=json)' },
   synchronous: { type: 'boolean', describe: 'One request at a time (for debugging)' },
   timeout: { type: 'string', value: 'number', describe: 'Seconds an NBD request may wait for its reply (default: no limit)' },
-  retries: { type: 'string', value: 'number', describe: 'Reconnect and resend up to N times after a lost NBD connection (default 0)' },
+  retries: { type: 'string', value: 'number', describe: 'Reconnect and resend up to N times after a lost NBD connection or a server shutting down, waiting 0.25, 0.5, 1, then 2 s each: rides out a server away for 1.75 s (N=3), 5.75 s (N=5), 2N-4.25 s (N>=3) (default 0)' },
   threads: { alias: 'T', type: 'string', value: 'number', describe: 'As nbdcopy: caps the connections (default 0: the number of processor cores)' },
   verbose: { alias: 'v', type: 'boolean', describe: 'Print endpoints, capabilities and sizes to stderr' },
   verify: { type: 'boolean', describe: 'After the copy, re-read the destination and check it against the block hash of the source' },

@@ -355,7 +355,10 @@ static int one_reply(reader_t *r) {
     free(zero.v);
     return ok;
   }
-  /* any other chunk: whole, to JS */
+  /* any other chunk: whole, to JS. One that ends a read's reply (NONE, a hole, an error) ends
+     its registration here and now: a data chunk after it must not land in a buffer JS may
+     already have handed on (JS's readerForget comes later). */
+  if (flags & REPLY_FLAG_DONE && cookie_hi == 0) lookup(r, cookie, &e, 1);
   st = receive_exact(r, h + 16, 4, &got);
   if (st != RX_OK) return failed(r, st, h, 16 + got, 0);
   uint32_t length = be32(h + 16);

@@ -61,9 +61,10 @@ export interface ConnectOptions {
   /** Seconds a request may wait for its reply before the connection is failed (default: none). */
   timeout?: number;
   /**
-   * On a lost or timed-out connection, reconnect and resend the affected request, up to this
-   * many times per request (default 0). Reads, writes, zeroes, block status and flush are all
-   * idempotent, so resending is safe.
+   * On a lost or timed-out connection (or a server shutting down: NBD_ESHUTDOWN), reconnect and
+   * resend the affected request, up to this many times per request (default 0), waiting
+   * retryDelay(attempt) before each reconnection. Reads, writes, zeroes, block status and flush
+   * are all idempotent, so resending is safe.
    */
   retries?: number;
 }
@@ -92,6 +93,15 @@ export interface ZeroOptions {
   /** NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP rather than zero slowly. */
   fastZero?: boolean;
   fua?: boolean;
+}
+
+/**
+ * Milliseconds to wait before reconnection `attempt` (0-based): 250, 500, 1000, then 2000 each,
+ * so that N retries ride out a server away for their sum (1.75 s for 3, 5.75 s for 5): long
+ * enough for a restart.
+ */
+export function retryDelay(attempt: number): number {
+  return Math.min(2000, 250 * 2 ** attempt);
 }
 
 export class NbdClient {
@@ -140,9 +150,15 @@ export class NbdClient {
         return await op(c);
       } catch (err) {
         const code = (err as NbdStreamError).code;
+        // the server is going away (NBD_ESHUTDOWN): let it, on every connection
+        if ((err as NbdStreamError).nbdError === 'ESHUTDOWN') for (const x of this.conns) x.shutDown();
         if (attempt >= this.retries || !(code === 'ERR_CLOSED' || code === 'ERR_CONNECT' || code === 'ERR_TIMEOUT') || this.closing) throw err;
+        // each request waits out its own backoff (whatever reconnection it then joins), so
+        // that its retries span the whole window
+        await new Promise((r) => setTimeout(r, retryDelay(attempt)));
+        if (this.closing) throw err;
         try {
-          await this.replace(c, attempt);
+          await this.replace(c);
         } catch (reconnectError) {
           // the server may not be back yet: that costs this attempt; the last one reports it
           if (attempt + 1 >= this.retries) throw reconnectError;
@@ -151,20 +167,25 @@ export class NbdClient {
     }
   }
 
-  /** Replace a failed connection with a new one (once, however many requests ask). */
-  private replace(dead: NbdConnection, attempt: number): Promise<void> {
+  /**
+   * Replace a failed connection with a new one (once, however many requests ask). Once the
+   * server answers again, its other failed connections (multi-conn) are replaced too, in the
+   * background: a restarted server gets all of them back, not only those requests were on.
+   */
+  private replace(dead: NbdConnection): Promise<void> {
     if (!this.conns.includes(dead)) return Promise.resolve();
     let p = this.reconnecting.get(dead);
     if (!p) {
       p = (async () => {
-        await new Promise((r) => setTimeout(r, Math.min(1000, 50 * 2 ** attempt)));
         const fresh = await NbdConnection.open(this.address, this.copts);
         if (fresh.info.size !== dead.info.size) {
           await fresh.close();
           throw new NbdStreamError('ERR_PROTOCOL', `export size changed across reconnection (${dead.info.size} -> ${fresh.info.size})`, { endpoint: this.endpoint });
         }
+        if (this.closing) return fresh.close();
         this.conns[this.conns.indexOf(dead)] = fresh;
         this.reconnects++;
+        for (const c of this.conns) if (c.error) this.replace(c).catch(() => undefined);
       })().finally(() => this.reconnecting.delete(dead));
       this.reconnecting.set(dead, p);
     }

@@ -21,6 +21,7 @@ import {
   NBD_CMD_DISC,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
+  NBD_ESHUTDOWN,
   NBD_REPLY_FLAG_DONE,
   NBD_REQUEST_SIZE,
   commandName,
@@ -108,6 +109,8 @@ export class NbdConnection implements ReplyHandler {
   private readonly waiters: Array<{ cost: number; count: number; go: () => void; fail: (e: NbdStreamError) => void }> = [];
   private idleWaiters: Array<() => void> = [];
   private failure: NbdStreamError | undefined;
+  /** The server answered NBD_ESHUTDOWN: nothing more is sent but NBD_CMD_DISC (see shutDown). */
+  private shutdown: NbdStreamError | undefined;
   private closing = false;
   private corked = false;
   private readonly uncork = (): void => {
@@ -347,8 +350,10 @@ export class NbdConnection implements ReplyHandler {
   onSimpleReply(cookie: number, errno: number, zeroRuns?: ZeroRuns): void {
     const r = this.pending.get(cookie)!;
     this.zeroChecked(r, zeroRuns);
-    if (errno) r.error = this.serverError(r, errno, '', undefined);
-    else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
+    if (errno) {
+      r.error = this.serverError(r, errno, '', undefined);
+      if (errno === NBD_ESHUTDOWN) this.shutDown();
+    } else if (r.type === NBD_CMD_BLOCK_STATUS) return this.protocolViolation('simple reply to NBD_CMD_BLOCK_STATUS');
     else r.covered = r.length;
     this.finish(r);
   }
@@ -394,6 +399,21 @@ export class NbdConnection implements ReplyHandler {
   onError(cookie: number, errno: number, message: string, offset: number | undefined): void {
     const r = this.pending.get(cookie)!;
     r.error ??= this.serverError(r, errno, message, offset);
+    if (errno === NBD_ESHUTDOWN) this.shutDown();
+  }
+
+  /**
+   * The server is going away: it answered NBD_ESHUTDOWN, here or on another connection (nbdkit
+   * waits for every connection to close before it exits). As the spec asks, send no more
+   * requests and disconnect softly (NBD_CMD_DISC) once those in flight are answered. Requests
+   * not sent, and those answered with NBD_ESHUTDOWN, fail as on a lost connection (ERR_CLOSED,
+   * nbdError ESHUTDOWN), which --retries resends on a new connection.
+   */
+  shutDown(): void {
+    if (this.shutdown) return;
+    this.shutdown = new NbdStreamError('ERR_CLOSED', 'server is shutting down (NBD_ESHUTDOWN)', { endpoint: this.opts.endpoint, nbdError: nbdErrorName(NBD_ESHUTDOWN) });
+    for (const w of this.waiters.splice(0)) w.fail(this.shutdown);
+    void this.close();
   }
 
   onDone(cookie: number): void {
@@ -417,7 +437,8 @@ export class NbdConnection implements ReplyHandler {
   private serverError(r: Request, errno: number, message: string, offset: number | undefined): NbdStreamError {
     const name = nbdErrorName(errno);
     const cmd = commandName(r.type);
-    return new NbdStreamError('ERR_SERVER', `${cmd} failed: ${name} (${nbdErrorText(name)})${message ? ': ' + message : ''}`, {
+    // NBD_ESHUTDOWN is about the connection, not the request: as if it were lost
+    return new NbdStreamError(errno === NBD_ESHUTDOWN ? 'ERR_CLOSED' : 'ERR_SERVER', `${cmd} failed: ${name} (${nbdErrorText(name)})${message ? ': ' + message : ''}`, {
       endpoint: this.opts.endpoint,
       offset: offset ?? r.offset,
       command: cmd,
@@ -460,9 +481,9 @@ export class NbdConnection implements ReplyHandler {
     this.inFlightBytes += cost;
   }
 
-  /** Failure that ended this connection, if any. */
+  /** Failure that ended this connection (or its server's shutting down), if any. */
   get error(): NbdStreamError | undefined {
-    return this.failure;
+    return this.failure ?? this.shutdown;
   }
 
   /**
@@ -507,6 +528,7 @@ export class NbdConnection implements ReplyHandler {
 
   /** Wait until `count` requests of `cost` bytes may be sent (they are then reserved). */
   private async admit(cost: number, count: number, offset: number): Promise<void> {
+    if (this.shutdown) throw new NbdStreamError('ERR_CLOSED', this.shutdown.message, { endpoint: this.opts.endpoint, offset, nbdError: this.shutdown.nbdError });
     if (this.failure) throw this.failure;
     if (this.closing) throw new NbdStreamError('ERR_CLOSED', 'connection is closing', { endpoint: this.opts.endpoint, offset });
     if (this.waiters.length || !this.fits(cost, count)) {

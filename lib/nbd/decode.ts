@@ -159,6 +159,46 @@ export interface ReplyHandler {
   onProtocolError(err: NbdStreamError): void;
 }
 
+/**
+ * The byte ranges of one read reply received so far (OFFSET_DATA and OFFSET_HOLE chunks):
+ * sorted, disjoint, touching ones merged. Chunks in order keep it one range long.
+ */
+class Received {
+  private readonly starts: number[] = [];
+  private readonly ends: number[] = [];
+
+  /** Add [offset, offset+length); if it overlaps what was received, add nothing and return the first overlap. */
+  add(offset: number, length: number): { offset: number; length: number } | undefined {
+    const { starts, ends } = this;
+    const end = offset + length;
+    // first range that ends after offset
+    let lo = 0;
+    let hi = ends.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (ends[mid] <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    if (lo < starts.length && starts[lo] < end) {
+      const o = Math.max(offset, starts[lo]);
+      return { offset: o, length: Math.min(end, ends[lo]) - o };
+    }
+    const joinsBefore = lo > 0 && ends[lo - 1] === offset;
+    const joinsAfter = lo < starts.length && starts[lo] === end;
+    if (joinsBefore && joinsAfter) {
+      ends[lo - 1] = ends[lo];
+      starts.splice(lo, 1);
+      ends.splice(lo, 1);
+    } else if (joinsBefore) ends[lo - 1] = end;
+    else if (joinsAfter) starts[lo] = offset;
+    else {
+      starts.splice(lo, 0, offset);
+      ends.splice(lo, 0, end);
+    }
+    return undefined;
+  }
+}
+
 const S_HEADER = 0;
 const S_SIMPLE_PAYLOAD = 1;
 const S_CHUNK_REST = 2;
@@ -193,6 +233,8 @@ export class ReplyDecoder {
   private destEnd = 0;
   private dataOffset = 0;
   private readonly discard = Buffer.allocUnsafe(4096);
+  /** Structured read replies with chunks received and no DONE yet, by cookie. */
+  private readonly received = new Map<number, Received>();
 
   constructor(handler: ReplyHandler, structured: boolean) {
     this.handler = handler;
@@ -224,8 +266,10 @@ export class ReplyDecoder {
    */
   dataReceived(cookie: number, offset: number, length: number, flags: number, zeroRuns?: ZeroRuns): void {
     if (!this.receivedElsewhere(cookie, 'data chunk')) return;
+    const done = (flags & NBD_REPLY_FLAG_DONE) !== 0;
+    if (!this.receive('OFFSET_DATA', cookie, offset, length, done)) return;
     this.handler.onData(cookie, offset, length, zeroRuns);
-    if (flags & NBD_REPLY_FLAG_DONE && this.state !== S_DEAD) this.handler.onDone(cookie);
+    if (done && this.state !== S_DEAD) this.handler.onDone(cookie);
   }
 
   /** A simple reply with its read payload was received elsewhere (see dataReceived). */
@@ -239,6 +283,33 @@ export class ReplyDecoder {
     if (this.idle && this.handler.lookup(cookie)?.type === NBD_CMD_READ) return true;
     this.fail(`${what} for cookie ${cookie} out of place`);
     return false;
+  }
+
+  /**
+   * Note a read reply's OFFSET_DATA or OFFSET_HOLE chunk (already checked to lie inside the
+   * request). A chunk that overlaps one received before for the same reply is a protocol error
+   * (false): counting bytes alone would let a repeated chunk stand in for a missing one.
+   */
+  private receive(what: string, cookie: number, offset: number, length: number, done: boolean): boolean {
+    let r = this.received.get(cookie);
+    if (!r) {
+      if (done) return true; // the reply's only chunk
+      this.received.set(cookie, (r = new Received()));
+    }
+    const overlap = r.add(offset, length);
+    if (overlap) {
+      const req = this.handler.lookup(cookie)!;
+      this.fail(`${what} chunk ${offset}+${length} overlaps ${overlap.offset}+${overlap.length} already received for the read ${req.offset}+${req.length}`);
+      return false;
+    }
+    if (done) this.received.delete(cookie);
+    return true;
+  }
+
+  /** The reply for cookie ended (NBD_REPLY_FLAG_DONE): forget what it received. */
+  private replyDone(cookie: number): void {
+    this.received.delete(cookie);
+    this.handler.onDone(cookie);
   }
 
   /** `n` bytes were written at the start of the buffer last returned by nextBuffer(). */
@@ -308,6 +379,8 @@ export class ReplyDecoder {
         const offset = readU64(s, 4);
         if (offset < req.offset || offset + len > req.offset + req.length)
           return this.fail(`OFFSET_DATA chunk ${offset}+${len} outside the request ${req.offset}+${req.length}`);
+        // checked before the payload lands: a repeated chunk never overwrites the first
+        if (!this.receive('OFFSET_DATA', this.cookie, offset, len, (this.flags & NBD_REPLY_FLAG_DONE) !== 0)) return;
         this.dataOffset = offset;
         this.dest = req.dest!;
         this.destPos = offset - req.offset;
@@ -363,7 +436,7 @@ export class ReplyDecoder {
       if (len !== 0) return this.fail(`NBD_REPLY_TYPE_NONE with length ${len}`);
       if (!(this.flags & NBD_REPLY_FLAG_DONE)) return this.fail('NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE');
       this.toHeader();
-      this.handler.onDone(this.cookie);
+      this.replyDone(this.cookie);
       return;
     }
     if (type === NBD_REPLY_TYPE_OFFSET_HOLE && req!.type !== NBD_CMD_READ) return this.fail(`OFFSET_HOLE chunk in reply to ${cmd}`);
@@ -392,6 +465,7 @@ export class ReplyDecoder {
         if (holeLen === 0) return this.fail('OFFSET_HOLE chunk with zero length');
         if (offset < req.offset || offset + holeLen > req.offset + req.length)
           return this.fail(`OFFSET_HOLE chunk ${offset}+${holeLen} outside the request ${req.offset}+${req.length}`);
+        if (!this.receive('OFFSET_HOLE', cookie, offset, holeLen, done)) return;
         this.handler.onHole(cookie, offset, holeLen);
         break;
       }
@@ -421,7 +495,7 @@ export class ReplyDecoder {
         this.handler.onError(cookie, errno, s.toString('utf8', 6, 6 + msgLen), offset);
       }
     }
-    if (done && this.state !== S_DEAD) this.handler.onDone(cookie);
+    if (done && this.state !== S_DEAD) this.replyDone(cookie);
   }
 
   private payloadDone(): void {
@@ -436,6 +510,6 @@ export class ReplyDecoder {
     const len = this.chunkLength - 8;
     this.toHeader();
     this.handler.onData(cookie, offset, len);
-    if (done && this.state !== S_DEAD) this.handler.onDone(cookie);
+    if (done && this.state !== S_DEAD) this.handler.onDone(cookie); // its range was noted with its header
   }
 }

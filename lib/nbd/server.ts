@@ -97,6 +97,7 @@ import {
   encodeInfoBlockSize,
   encodeInfoExport,
   encodeInfoString,
+  encodeNoneChunk,
   encodeOffsetDataHeader,
   encodeOffsetHole,
   encodeOptionError,
@@ -164,7 +165,9 @@ export type Violation =
   | 'truncated-header'
   | 'oversized-payload'
   | 'unasked-context'
-  | 'simple-after-structured';
+  | 'simple-after-structured'
+  | 'repeated-chunk'
+  | 'hole-over-data';
 
 /** Returns an NBD errno to fail the request with, or undefined to let it run. */
 export type ErrorInjector = (offset: number, length: number) => number | undefined;
@@ -194,6 +197,9 @@ export interface ServerFaults {
    *  - oversized-payload: a chunk header announcing a 2 GiB payload (any request, with
    *    structured replies; a simple reply has no length to get wrong);
    *  - chunk-past-request, simple-after-structured: reads with structured replies;
+   *  - repeated-chunk (the first half of the data twice, then NONE with DONE), hole-over-data
+   *    (data for the first three quarters, then a hole over the third quarter with DONE): reads
+   *    with structured replies, as many bytes as asked for but not covering the request;
    *  - zero-length-extent, overlong-extent (a non-final extent past the request),
    *    unasked-context: block status.
    */
@@ -406,6 +412,8 @@ function violationApplies(v: Violation, type: number, structured: boolean): bool
       return structured;
     case 'chunk-past-request':
     case 'simple-after-structured':
+    case 'repeated-chunk':
+    case 'hole-over-data':
       return structured && type === NBD_CMD_READ;
     case 'zero-length-extent':
     case 'overlong-extent':
@@ -1177,6 +1185,25 @@ class Connection implements ServerDecoderHandler {
       case 'simple-after-structured':
         out = [{ head: encodeSimpleReply(cookie, 0), body: Buffer.alloc(length) }];
         break;
+      case 'repeated-chunk':
+      case 'hole-over-data': {
+        // the bytes the reply would have carried (a hole chunk's length is at byte 28)
+        const bytes = Buffer.concat(msgs.map((m) => m.body ?? Buffer.alloc(m.head.readUInt32BE(28))));
+        const half = Math.floor(length / 2);
+        const quarter = Math.floor(length / 4);
+        out =
+          v === 'repeated-chunk'
+            ? [
+                { head: encodeOffsetDataHeader(0, cookie, offset, half), body: bytes.subarray(0, half) },
+                { head: encodeOffsetDataHeader(0, cookie, offset, half), body: bytes.subarray(0, half) },
+                { head: encodeNoneChunk(cookie) },
+              ]
+            : [
+                { head: encodeOffsetDataHeader(0, cookie, offset, length - quarter), body: bytes.subarray(0, length - quarter) },
+                { head: encodeOffsetHole(NBD_REPLY_FLAG_DONE, cookie, offset + length - 2 * quarter, quarter) },
+              ];
+        break;
+      }
       case 'zero-length-extent':
         out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id, [{ length: 0, flags: 0 }, { length, flags: 0 }]) }];
         break;

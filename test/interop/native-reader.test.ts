@@ -11,6 +11,7 @@ import { NbdClient } from '../../lib/nbd/client.js';
 import { NbdServer } from '../../lib/nbd/server.js';
 import { MemoryEndpoint } from '../../lib/endpoints/memory.js';
 import { nbdcopyHash, nbdkit, sha256, tmpDir, type Server } from '../helpers/servers.js';
+import { run } from '../helpers/cli.js';
 
 const MiB = 2 ** 20;
 let cleanups: Array<() => Promise<unknown>> = [];
@@ -76,6 +77,28 @@ describe.each([
     expect((err as NbdStreamError).code).toBe('ERR_CLOSED');
     expect((err as NbdStreamError).message).toBe('server closed the connection in the middle of a reply with 1 request pending');
     await expect(c.pread(0, 4096)).rejects.toMatchObject({ code: 'ERR_CLOSED' });
+  });
+
+  // A hostile server whose read replies carry as many bytes as asked for, but overlapping:
+  // counting bytes would take them as complete and leave the rest of the target unwritten.
+  it.each([
+    ['repeated-chunk', 'OFFSET_DATA chunk 0+131072 overlaps 0+131072 already received for the read 0+262144'],
+    ['hole-over-data', 'OFFSET_HOLE chunk 131072+65536 overlaps 131072+65536 already received for the read 0+262144'],
+  ] as const)('fails a copy whose server sends overlapping read chunks (%s), exit 1, --verify or not', async (violation, message) => {
+    const dir = tmpDir();
+    cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }));
+    const server = new NbdServer(new MemoryEndpoint(randomBytes(256 * 1024), 'memory:'), { faults: { violation } });
+    await server.listen({ path: path.join(dir, 'sock') });
+    cleanups.push(() => server.close(200));
+    for (const verify of [[], ['--verify']]) {
+      const r = await run([...verify, server.uri!, path.join(dir, 'out.img')], { env: { NBDSTREAM_NATIVE_READER: env } });
+      expect(r.stderr).toBe(`nbdstream: ${server.uri}: offset 0: ${message}\n`);
+      expect(r.status).toBe(1);
+    }
+    // the setting the CLI ran with chooses this receiver
+    process.env.NBDSTREAM_NATIVE_READER = env;
+    const c = await connect(server.uri!);
+    expect(c.receiver).toBe(receiver);
   });
 
   it('maps the all-zero -S blocks of read data as it arrives (zeroBlocks), natively only, missing no block', async () => {

@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import { copy } from '../../lib/copy.js';
 import { NbdStreamError } from '../../lib/errors.js';
 import { MemoryEndpoint } from '../../lib/endpoints/memory.js';
-import { NbdServer, type ServerFaults, type Violation } from '../../lib/nbd/server.js';
+import { NBD_ESHUTDOWN, NbdServer, type ServerFaults, type Violation } from '../../lib/nbd/server.js';
 import { nbdkit, tmpDir, type Server } from '../helpers/servers.js';
 
 const MiB = 1 << 20;
@@ -129,7 +129,23 @@ describe('fault matrix (built-in server)', () => {
     expect(await outcome('server fault (source)', 'cut every 6 MiB, retries=8', c.run, c.want)).toBe('identical');
   });
 
-  const violations: Violation[] = ['wrong-cookie', 'chunk-past-request', 'zero-length-extent', 'overlong-extent', 'bad-magic', 'truncated-header', 'oversized-payload', 'unasked-context', 'simple-after-structured'];
+  it('source: NBD_ESHUTDOWN (server going away) to the first reads, --retries 3: reconnects once, completes identical', async () => {
+    const { buf, zeroes } = image();
+    let shutdowns = 3;
+    const server = await serve(new MemoryEndpoint(Buffer.from(buf), 'src', zeroes), { readError: () => (shutdowns-- > 0 ? NBD_ESHUTDOWN : undefined) });
+    let connections = 0;
+    server.on('connection', () => connections++);
+    const dst = new MemoryEndpoint(Buffer.alloc(SIZE, 0x77), 'dst');
+    try {
+      await copy(server.uri!, dst, { retries: 3, connections: 1, requestSize: 256 * 1024 });
+    } finally {
+      await server.close(100);
+    }
+    expect(sha(dst.buffer)).toBe(sha(buf));
+    expect(connections).toBe(2);
+  });
+
+  const violations: Violation[] = ['wrong-cookie', 'chunk-past-request', 'zero-length-extent', 'overlong-extent', 'bad-magic', 'truncated-header', 'oversized-payload', 'unasked-context', 'simple-after-structured', 'repeated-chunk', 'hole-over-data'];
   for (const v of violations)
     it(`source: protocol violation ${v}`, async () => {
       const c = await fromFaultySource({ violation: v });

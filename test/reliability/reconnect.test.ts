@@ -9,7 +9,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { nbdcopyHash, nbdkit, sha256, tmpDir, type Server } from '../helpers/servers.js';
 import { run } from '../helpers/cli.js';
-import { NbdClient } from '../../lib/nbd/client.js';
+import { randomBytes } from 'node:crypto';
+import { NbdClient, retryDelay } from '../../lib/nbd/client.js';
 
 let cleanups: Array<() => Promise<unknown> | unknown> = [];
 afterEach(async () => {
@@ -17,10 +18,16 @@ afterEach(async () => {
   cleanups = [];
 });
 
-/** nbdkit serving FILE read-only with a read delay, on a fixed socket path (so it can be restarted there). */
-function startFileServer(file: string, socket: string, pidFile: string): Promise<ChildProcess> {
+/**
+ * nbdkit serving FILE read-only with a read delay, on a fixed socket path (so it can be
+ * restarted there); with `logfile`, nbdkit's log filter records every request and its result.
+ */
+function startFileServer(file: string, socket: string, pidFile: string, o: { rdelay?: string; logfile?: string } = {}): Promise<ChildProcess> {
   fs.rmSync(pidFile, { force: true });
-  const p = spawn('nbdkit', ['-f', '-r', '-U', socket, '-P', pidFile, '--filter=delay', 'file', file, 'rdelay=100ms'], { stdio: 'ignore' });
+  const log = o.logfile ? { filter: ['--filter=log'], param: [`logfile=${o.logfile}`] } : { filter: [], param: [] };
+  const p = spawn('nbdkit', ['-f', '-r', '-U', socket, '-P', pidFile, ...log.filter, '--filter=delay', 'file', file, `rdelay=${o.rdelay ?? '100ms'}`, ...log.param], {
+    stdio: 'ignore',
+  });
   return new Promise((resolve, reject) => {
     const until = Date.now() + 10000;
     const poll = () => {
@@ -83,6 +90,66 @@ describe('--retries', () => {
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     expect(sha256(fs.readFileSync(out))).toBe(sha256(fs.readFileSync(src)));
+  });
+
+  it('backs off 0.25, 0.5, 1, then 2 s: 3 retries span 1.75 s, 5 span 5.75 s (as --help and README say)', () => {
+    const window = (n: number) => Array.from({ length: n }, (_, i) => retryDelay(i)).reduce((a, b) => a + b, 0);
+    expect(Array.from({ length: 6 }, (_, i) => retryDelay(i))).toEqual([250, 500, 1000, 2000, 2000, 2000]);
+    expect([window(3), window(5), window(10)]).toEqual([1750, 5750, 15750]);
+  });
+
+  // A real restart: the server is away for seconds, not milliseconds. SIGTERM is a graceful
+  // stop: nbdkit answers the requests in flight with NBD_ESHUTDOWN and exits only once every
+  // client connection is closed, so the copy must let go of all its connections (-C 4) and
+  // retry as after a lost connection.
+  it.each([
+    ['SIGKILL', 1000, 3, 1],
+    ['SIGKILL', 3000, 5, 1],
+    ['SIGTERM', 1000, 3, 4],
+  ] as const)('rides out nbdkit stopped with %s and restarted %i ms later (--retries=%i, -C %i); the target is byte-identical', async (signal, away, retries, connections) => {
+    const dir = tmpDir();
+    cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const src = path.join(dir, 'src.img');
+    // 16 MiB with 4 MiB of data: 1 MiB every 4 MiB; 64 reads of 64K, one at a time
+    const fd = fs.openSync(src, 'w');
+    fs.ftruncateSync(fd, 16 << 20);
+    for (let i = 0; i < 4; i++) fs.writeSync(fd, randomBytes(1 << 20), 0, 1 << 20, i * (4 << 20));
+    fs.closeSync(fd);
+    const socket = path.join(dir, 'sock');
+    const pidFile = path.join(dir, 'pid');
+    const logfile = path.join(dir, 'first.log');
+    const rdelay = '40ms';
+    let server = await startFileServer(src, socket, pidFile, { rdelay, logfile });
+    cleanups.push(() => server.kill('SIGKILL'));
+    const out = path.join(dir, 'out.img');
+    let finished = false;
+    const copying = run([`--retries=${retries}`, '--request-size=64K', '-R', '1', '-C', String(connections), '-T', String(connections), `nbd+unix:///?socket=${socket}`, out]).finally(
+      () => (finished = true),
+    );
+    while (!fs.existsSync(out) && !finished) await new Promise((r) => setTimeout(r, 10));
+    await new Promise((r) => setTimeout(r, 300));
+    if (finished) expect(await copying).toEqual('still copying');
+    const exited = new Promise<number | null>((r) => server.once('exit', (code) => r(code)));
+    server.kill(signal);
+    const code = await exited;
+    await new Promise((r) => setTimeout(r, away));
+    fs.rmSync(socket, { force: true });
+    const logfile2 = path.join(dir, 'second.log');
+    server = await startFileServer(src, socket, pidFile, { rdelay, logfile: logfile2 });
+    const r = await copying;
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(sha256(fs.readFileSync(out))).toBe(sha256(fs.readFileSync(src)));
+    if (signal === 'SIGTERM') {
+      // nbdkit answered NBD_ESHUTDOWN, and exited cleanly once every connection had closed
+      expect(code).toBe(0);
+      const log = fs.readFileSync(logfile, 'utf8');
+      expect(log).toMatch(/ \.\.\.Read id=\d+ return=-1 error=ESHUTDOWN\n/);
+      expect(log.match(/ Connect export=/g)?.length).toBe(connections);
+      expect(log.match(/ Disconnect transactions=/g)?.length).toBe(connections);
+    }
+    // every connection came back, not only the one the next request was on
+    expect(fs.readFileSync(logfile2, 'utf8').match(/ Connect export=/g)?.length).toBe(connections);
   });
 
   it('gives up after N retries with the connection error', async () => {

@@ -203,6 +203,21 @@ describe('ReplyDecoder', () => {
     ['error message longer than chunk', chunk(2, P.NBD_REPLY_TYPE_ERROR, DONE, Buffer.from('00000005ffff', 'hex')), true, /does not match its message length/],
     ['error offset outside request', error(1, 5, '', 9999), true, /ERROR_OFFSET 9999 outside/],
     ['oversized chunk', chunk(2, P.NBD_REPLY_TYPE_ERROR, DONE, Buffer.alloc(0)).fill(0xff, 16, 20), true, /too large/],
+    // the first half twice, then DONE: as many bytes as asked for, but the second half missing
+    [
+      'a repeated data chunk',
+      Buffer.concat([data(1, 4096, Buffer.alloc(4, 1)), data(1, 4096, Buffer.alloc(4, 1)), none(1)]),
+      true,
+      /^OFFSET_DATA chunk 4096\+4 overlaps 4096\+4 already received for the read 4096\+8$/,
+    ],
+    ['a hole over data', Buffer.concat([data(1, 4098, Buffer.alloc(4, 1)), hole(1, 4096, 4, DONE)]), true, /^OFFSET_HOLE chunk 4096\+4 overlaps 4098\+2 already received for the read 4096\+8$/],
+    ['data over a hole', Buffer.concat([hole(1, 4100, 4), data(1, 4096, Buffer.alloc(6, 1), DONE)]), true, /^OFFSET_DATA chunk 4096\+6 overlaps 4100\+2 already received for the read 4096\+8$/],
+    [
+      'a chunk inside two earlier ones',
+      Buffer.concat([hole(1, 4096, 2), data(1, 4102, Buffer.alloc(2, 1)), data(1, 4097, Buffer.alloc(6, 1), DONE)]),
+      true,
+      /^OFFSET_DATA chunk 4097\+6 overlaps 4097\+1 already received for the read 4096\+8$/,
+    ],
   ];
   for (const [name, input, structured, re] of malformed) {
     it(`reports a protocol error for ${name}, never throwing`, () => {
@@ -225,6 +240,32 @@ describe('ReplyDecoder', () => {
       expect(d.dead).toBe(true);
     });
   }
+
+  it('accepts read chunks in any order that cover the request once, at every split', () => {
+    const input = Buffer.concat([
+      data(1, 4102, Buffer.from('0708', 'hex')),
+      hole(1, 4096, 2),
+      data(4, 0, Buffer.from('01020304', 'hex'), DONE),
+      data(1, 4099, Buffer.from('040506', 'hex')),
+      data(1, 4098, Buffer.from('03', 'hex'), DONE),
+      // cookie 1 again, after DONE: a new reply (cookies are reused) starts afresh
+      data(1, 4096, Buffer.alloc(8, 9), DONE),
+    ]);
+    expect(decodeAllSplits(input, true)).toEqual({
+      events: ['data 1 4102+2 0708', 'hole 1 4096+2', 'data 4 0+4 01020304', 'done 4', 'data 1 4099+3 040506', 'data 1 4098+1 03', 'done 1', 'data 1 4096+8 0909090909090909', 'done 1'],
+      errors: [],
+    });
+  });
+
+  it('fails a data chunk received elsewhere (the native reader) that overlaps one before it', () => {
+    const rec = new Recorder(requests());
+    const d = new ReplyDecoder(rec, true);
+    d.dataReceived(1, 4096, 4, 0);
+    d.dataReceived(1, 4096, 4, 0);
+    d.push(none(1));
+    expect(rec.events).toEqual(['data 1 4096+4 00000000']);
+    expect(rec.errors.map((e) => `${e.code}: ${e.message}`)).toEqual(['ERR_PROTOCOL: OFFSET_DATA chunk 4096+4 overlaps 4096+4 already received for the read 4096+8']);
+  });
 
   it('lets read payloads land directly in the request buffer (zero-copy path)', () => {
     const reqs = requests();
