@@ -213,6 +213,21 @@ describe('options and errors', () => {
   });
 });
 
+describe('{ file, fs } endpoints', () => {
+  it('a file of one volume is told from the same path (and inode number) in another, but not from itself', async () => {
+    const data = Buffer.alloc(64 * 1024, 3);
+    const vol = new Volume();
+    vol.writeFileSync('/a.img', data);
+    const other = new Volume();
+    other.writeFileSync('/a.img', Buffer.alloc(4096, 1));
+    await copy({ file: '/a.img', fs: vol }, { file: '/a.img', fs: other });
+    expect((other.readFileSync('/a.img') as Buffer).equals(data)).toBe(true);
+    const same = (await rejection(copy({ file: '/a.img', fs: vol }, { file: '/a.img', fs: vol }))) as NbdStreamError;
+    expect([same.code, same.describe()]).toEqual(['ERR_SAME_FILE', '/a.img: is the same file as the source: refusing to copy it onto itself']);
+    expect((vol.readFileSync('/a.img') as Buffer).equals(data)).toBe(true);
+  });
+});
+
 describe('README: a copy into a memfs volume', () => {
   // the README's example, as it is there
   it('copies an nbdkit export into memory', async () => {
