@@ -26,7 +26,7 @@ export type EndpointSpec = string | string[] | FileSpec;
 
 /** An opened Endpoint rather than a spec (a string, an argv array or a FileSpec). */
 export function isEndpoint(x: EndpointSpec | Endpoint): x is Endpoint {
-  return typeof x === 'object' && !Array.isArray(x) && typeof (x as Endpoint).read === 'function';
+  return typeof x === 'object' && x !== null && !Array.isArray(x) && typeof (x as Endpoint).read === 'function';
 }
 
 export function describeSpec(spec: EndpointSpec): string {
@@ -57,6 +57,8 @@ async function sizedForMode(ep: Endpoint, mode: OpenMode): Promise<Endpoint> {
 }
 
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
+  if (typeof spec !== 'string' && (typeof spec !== 'object' || spec === null))
+    throw new TypeError(`an endpoint is a URI or path, an argv array, a { file, fs } object or an Endpoint, not ${spec === null ? 'null' : typeof spec}`);
   if (mode !== 'source' && opts.dirtyBitmap !== undefined) opts = { ...opts, dirtyBitmap: undefined };
   // format is the copy's `format` for a source, `targetFormat` for a target
   const formatOption = mode === 'source' ? 'format' : 'targetFormat';

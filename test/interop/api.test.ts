@@ -177,6 +177,7 @@ describe('options and errors', () => {
     expect(() => new NbdServer(new MemoryEndpoint(Buffer.alloc(4096)), { readonly: true } as never)).toThrow(new TypeError('NbdServer: unknown option "readonly" (did you mean "readOnly"?)'));
     await expect(serve('memory:', { size: 4096, socket: '/tmp/x' } as never)).rejects.toThrow(new TypeError('serve(): unknown option "socket"'));
     await expect(copy({ file: '/x', fss: {} } as never, 'null:')).rejects.toThrow(new TypeError('a { file } endpoint: unknown option "fss"'));
+    await expect(copy(undefined as never, 'null:')).rejects.toThrow(new TypeError('an endpoint is a URI or path, an argv array, a { file, fs } object or an Endpoint, not undefined'));
   });
 
   it('a missing file: ERR_IO with errno, syscall and path as Node has them', async () => {
