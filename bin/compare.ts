@@ -12,8 +12,8 @@
  */
 import yargs from 'yargs';
 import { compare } from '../lib/compare.js';
-import { NbdStreamError } from '../lib/errors.js';
 import { parseSize as parseSizeText } from '../lib/size.js';
+import { cliMessage } from './messages.js';
 import { splitEndpointArgs } from '../lib/endpoints/command.js';
 import type { EndpointSpec } from '../lib/endpoints/open.js';
 import { formatHelp, helpWidth, optionNames, unknownOptions, wantsHelp, type HelpText } from './usage.js';
@@ -110,7 +110,7 @@ export async function run(args: string[]): Promise<number> {
       connections: argv.connections !== undefined ? parseCount('connections', argv.connections) : undefined,
     });
   } catch (err) {
-    fail(err instanceof NbdStreamError ? err.describe() : (err as Error)?.message ?? String(err));
+    fail(cliMessage(err));
   }
   if (r.difference === 'size') {
     say('Strict mode: Image size mismatch!');

@@ -17,6 +17,7 @@ import { describeSpec } from '../lib/endpoints/open.js';
 import { deferExtraCaCerts } from '../lib/nbd/tls.js';
 import { formatHelp, helpWidth, optionNames, terminalWidth, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 import { parseSize as parseSizeText } from '../lib/size.js';
+import { cliMessage } from './messages.js';
 
 const pkg = { version: packageVersion() };
 
@@ -184,7 +185,7 @@ async function main(): Promise<void> {
   try {
     if (requestSize !== undefined) checkRequestSize(requestSize);
   } catch (err) {
-    fail((err as Error).message);
+    fail(cliMessage(err));
   }
   const verbose = argv.verbose ?? false;
   const progress = argv.progress;
@@ -209,7 +210,7 @@ async function main(): Promise<void> {
     try {
       blkhash = parseBlkhash(argv.blkhash ?? '');
     } catch (err) {
-      fail((err as Error).message);
+      fail(cliMessage(err));
     }
   }
   const verify = argv.verify ?? false;
@@ -296,7 +297,7 @@ async function main(): Promise<void> {
     if (progress === '' && lastPercent >= 0) process.stderr.write('\n');
     const e = err instanceof NbdStreamError ? err : new NbdStreamError('ERR_IO', (err as Error)?.message ?? String(err));
     if (e.code === 'ERR_BROKEN_PIPE') dieOfSigpipe();
-    fail(e.describe());
+    fail(cliMessage(e));
   }
   if (!progressJson) report(100);
   if (progress === '') process.stderr.write('\n');
@@ -352,5 +353,5 @@ deferExtraCaCerts();
 const sub = SUBCOMMANDS[process.argv[2]];
 (sub ? sub().then((m) => m.run(process.argv.slice(3))) : main().then(() => 0)).then(
   (status) => process.exit(status),
-  (err) => fail(err instanceof NbdStreamError ? err.describe() : (err as Error)?.message ?? String(err)),
+  (err) => fail(cliMessage(err)),
 );

@@ -15,6 +15,7 @@ import * as tty from 'node:tty';
 import yargs from 'yargs';
 import { NbdStreamError } from '../lib/errors.js';
 import { parseSize } from '../lib/size.js';
+import { cliMessage } from './messages.js';
 import { nodeChildProcess } from '../lib/builtins.js';
 import { DEFAULT_HANDSHAKE_LIMIT_MS, MAX_TIMER_MS, NbdServer, type ListenOptions, type ServerTlsOptions } from '../lib/nbd/server.js';
 import { openServedEndpoint } from '../lib/nbd/server-export.js';
@@ -47,16 +48,11 @@ function printErr(line: string): void {
   }
 }
 
-function describe(err: unknown): string {
-  if (err instanceof NbdStreamError) return err.describe();
-  return (err as Error)?.message ?? String(err);
-}
-
 export async function run(args: string[]): Promise<number> {
   try {
     return await serve(args);
   } catch (err) {
-    printErr(describe(err));
+    printErr(cliMessage(err));
     return 1;
   }
 }

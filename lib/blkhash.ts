@@ -57,7 +57,7 @@ export function formatBlkhash(spec: BlkhashSpec): string {
 export function parseBlkhash(text: string): BlkhashSpec {
   const m = /^([a-z0-9]*)(?:\/(\d+)([kKmM]?))?$/i.exec(text.trim());
   const bad = () =>
-    new NbdStreamError('ERR_USAGE', `--blkhash: expected ALG[/BLOCKSIZE] with ALG one of ${BLKHASH_ALGORITHMS.join(', ')} and BLOCKSIZE like 4k or 65536, not "${text}"`);
+    new NbdStreamError('ERR_USAGE', `blkhash: expected ALG[/BLOCKSIZE] with ALG one of ${BLKHASH_ALGORITHMS.join(', ')} and BLOCKSIZE like 4k or 65536, not "${text}"`, { option: 'blkhash' });
   if (!m) throw bad();
   const alg = (m[1] || DEFAULT_BLKHASH.algorithm).toLowerCase();
   if (!(BLKHASH_ALGORITHMS as readonly string[]).includes(alg)) throw bad();
@@ -75,9 +75,9 @@ export function blkhashSpec(o: BlkhashOptions | string | boolean | undefined): B
 
 function checkSpec(s: BlkhashSpec): BlkhashSpec {
   if (!(BLKHASH_ALGORITHMS as readonly string[]).includes(s.algorithm))
-    throw new NbdStreamError('ERR_USAGE', `--blkhash: unknown algorithm "${s.algorithm}" (expected one of ${BLKHASH_ALGORITHMS.join(', ')})`);
+    throw new NbdStreamError('ERR_USAGE', `blkhash: unknown algorithm "${s.algorithm}" (expected one of ${BLKHASH_ALGORITHMS.join(', ')})`, { option: 'blkhash' });
   if (!Number.isSafeInteger(s.blockSize) || s.blockSize < 1 || s.blockSize > MAX_BLKHASH_BLOCK)
-    throw new NbdStreamError('ERR_USAGE', `--blkhash: block size must be between 1 and ${MAX_BLKHASH_BLOCK} bytes, not ${s.blockSize}`);
+    throw new NbdStreamError('ERR_USAGE', `blkhash: block size must be between 1 and ${MAX_BLKHASH_BLOCK} bytes, not ${s.blockSize}`, { option: 'blkhash' });
   return s;
 }
 
@@ -305,12 +305,14 @@ export interface HashEndpointOptions extends BlkhashOptions {
   extents?: boolean;
   /** Called with the bytes hashed so far. */
   onProgress?: (bytesDone: number) => void;
+  /** Stops the reads: rejects with an AbortError. */
+  signal?: AbortSignal;
 }
 
 /** blkhash of an open endpoint, reading only what its extents say is data. */
 export async function hashEndpoint(ep: Endpoint, options: HashEndpointOptions = {}): Promise<BlkhashResult> {
   const hasher = new BlockHasher(options);
-  const source = new ExtentSource(ep, { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, extents: options.extents });
+  const source = new ExtentSource(ep, { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, extents: options.extents, signal: options.signal });
   const onProgress = options.onProgress;
   const sink = new Writable({
     highWaterMark: Math.min(options.queueSize ?? STAGE_BUFFER, STAGE_BUFFER),

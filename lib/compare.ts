@@ -10,7 +10,7 @@
 import { NbdStreamError, asNbdStreamError } from './errors.js';
 import type { Chunk } from './extents.js';
 import type { Endpoint } from './endpoints/endpoint.js';
-import { openEndpoint, type EndpointSpec } from './endpoints/open.js';
+import { isEndpoint, openEndpoint, type EndpointSpec } from './endpoints/open.js';
 import { ExtentSource } from './streams/extent-source.js';
 import { newStats, type CopyStats } from './streams/stats.js';
 
@@ -27,6 +27,8 @@ export interface CompareOptions {
   connections?: number;
   /** Ignore extent information: read everything. */
   noExtents?: boolean;
+  /** compareEndpoints: stops the reads, rejecting with an AbortError. */
+  signal?: AbortSignal;
 }
 
 export interface CompareResult {
@@ -66,7 +68,6 @@ export function endpointView(ep: Endpoint, size: number): Endpoint {
 /** Compare two images given as specs (opened read-only here and closed) or open endpoints. */
 export async function compare(a: EndpointSpec | Endpoint, b: EndpointSpec | Endpoint, options: CompareOptions = {}): Promise<CompareResult> {
   const openOpts = { connections: options.connections ?? 4, requests: options.requests ?? 64, queueSize: options.queueSize };
-  const isEndpoint = (x: unknown): x is Endpoint => typeof x === 'object' && x !== null && !Array.isArray(x);
   const opened: Endpoint[] = [];
   try {
     const ea = isEndpoint(a) ? a : await openEndpoint(a, 'source', openOpts);
@@ -95,7 +96,7 @@ export async function compareEndpoints(a: Endpoint, b: Endpoint, options: Compar
   if (known && strict && a.size !== b.size)
     return { identical: false, difference: 'size', sizeMismatch: true, sizes: [a.size, b.size], ...base, elapsed: elapsed() };
 
-  const srcOpts = { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, extents: !options.noExtents };
+  const srcOpts = { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, extents: !options.noExtents, signal: options.signal };
   const ca = new Cursor(new ExtentSource(a, { ...srcOpts, stats: statsA }));
   const cb = new Cursor(new ExtentSource(b, { ...srcOpts, stats: statsB }));
   const done = (r: Omit<CompareResult, 'stats' | 'elapsed'>): CompareResult => ({ ...r, ...base, elapsed: elapsed() });

@@ -4,12 +4,16 @@
  * opened and closed here; Endpoint objects passed in are left open. With `blkhash` (or `verify`)
  * a BlkhashStream between the source and ZeroDetect hashes the source on the way; `verify`
  * re-reads the target afterwards and checks it against that digest.
+ *
+ * Cancellation: when `signal` aborts, no further request is issued, the endpoints copy() opened
+ * are closed (after the replies in flight, as NBD wants), and the promise rejects with an
+ * NbdStreamError named 'AbortError' (code 'ABORT_ERR', the signal's reason as cause).
  */
 import { availableParallelism } from 'node:os';
 import { pipelinePromise } from 'streamx';
-import { NbdStreamError, asNbdStreamError } from './errors.js';
-import { openEndpoint, type EndpointSpec } from './endpoints/open.js';
-import { checkNotSource, type Endpoint } from './endpoints/endpoint.js';
+import { NbdStreamError, abortError, asNbdStreamError, checkOptionNames, throwIfAborted } from './errors.js';
+import { isEndpoint, openEndpoint, type EndpointSpec } from './endpoints/open.js';
+import { checkNotSource, type Endpoint, type OpenOptions } from './endpoints/endpoint.js';
 import { DEFAULT_QUEUE_SIZE, DEFAULT_READ_SIZE, DEFAULT_REQUEST_SIZE, ExtentSource } from './streams/extent-source.js';
 import { Sink } from './streams/sink.js';
 import { newStats, type CopyStats } from './streams/stats.js';
@@ -87,6 +91,8 @@ export interface CopyOptions {
   onProgress?: (done: number, total: number | undefined, progress: CopyProgress) => void;
   /** Called once both endpoints are open (e.g. to print -v details), with the sizes in force. */
   onOpen?: (src: Endpoint, dst: Endpoint, sizes: CopySizes) => void;
+  /** Cancels the copy: it stops, closes what it opened and rejects with an AbortError. */
+  signal?: AbortSignal;
 }
 
 /**
@@ -100,6 +106,33 @@ export interface CopySizes {
   sparse: number;
   queueSize: number;
 }
+
+/** Every CopyOptions name (unknown names are a TypeError). */
+export const COPY_OPTIONS: Readonly<Record<keyof CopyOptions, true>> = {
+  requestSize: true,
+  requests: true,
+  queueSize: true,
+  connections: true,
+  threads: true,
+  sparse: true,
+  allocated: true,
+  destinationIsZero: true,
+  noExtents: true,
+  flush: true,
+  synchronous: true,
+  timeout: true,
+  retries: true,
+  pipeFormat: true,
+  sourcePipeFormat: true,
+  dirtyBitmap: true,
+  format: true,
+  targetFormat: true,
+  blkhash: true,
+  verify: true,
+  onProgress: true,
+  onOpen: true,
+  signal: true,
+};
 
 export interface CopySummary extends CopyStats {
   size: number;
@@ -119,10 +152,13 @@ export function copyThreads(threads?: number): number {
 
 export function checkRequestSize(n: number): void {
   if (!Number.isInteger(n) || n < 4096 || n > MAX_REQUEST_SIZE || (n & (n - 1)) !== 0)
-    throw new NbdStreamError('ERR_USAGE', `--request-size must be a power of two between 4096 and 33554432, not ${n}`);
+    throw new NbdStreamError('ERR_USAGE', `requestSize must be a power of two between 4096 and 33554432, not ${n}`, { option: 'requestSize' });
 }
 
 export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | Endpoint, options: CopyOptions = {}): Promise<CopySummary> {
+  checkOptionNames('copy()', options, COPY_OPTIONS);
+  const signal = options.signal;
+  throwIfAborted(signal);
   const started = process.hrtime.bigint();
   let requestSize = options.requestSize ?? DEFAULT_REQUEST_SIZE;
   checkRequestSize(requestSize);
@@ -136,17 +172,18 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const hashSpec = (options.blkhash !== undefined && options.blkhash !== false) || options.verify ? blkhashSpec(options.blkhash) : undefined;
 
   const opened: Endpoint[] = [];
-  const isEndpoint = (x: unknown): x is Endpoint => typeof x === 'object' && x !== null && !Array.isArray(x);
+  // an endpoint opened after an abort is closed as soon as it is there
+  const open = (spec: EndpointSpec, mode: 'source' | 'target', o: OpenOptions) => untilAborted(openEndpoint(spec, mode, o), signal, (late) => void late.close().catch(() => undefined));
   try {
     const s = isEndpoint(src)
       ? src
-      : await openEndpoint(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse, format: options.format });
+      : await open(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse, format: options.format });
     if (!isEndpoint(src)) opened.push(s);
     // a partial source (dirty bitmap, incremental extent stream) updates the target in place
     // a target that is the source's file or device is refused as it opens, before it is truncated
     const d = isEndpoint(dst)
       ? dst
-      : await openEndpoint(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial, sourceIdentity: s.identity, format: options.targetFormat });
+      : await open(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial, sourceIdentity: s.identity, format: options.targetFormat });
     if (!isEndpoint(dst)) opened.push(d);
     checkNotSource(d.name, d.identity, s.identity);
     if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });
@@ -158,12 +195,13 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     queueSize = Math.max(queueSize, requestSize);
     if (sparse) sparse = Math.max(sparse, d.capabilities.preferredBlockSize);
     options.onOpen?.(s, d, { requestSize, sparse, queueSize });
+    throwIfAborted(signal);
 
     const stats = newStats();
     // --queue-size bounds the copy's read buffers from the read until the sink has written
     // them (reads in flight, data on its way, writes in flight): a fast target leaves it all
     // to reads, a slow one holds more in writes
-    const source = new ExtentSource(s, { requestSize, readSize: DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats });
+    const source = new ExtentSource(s, { requestSize, readSize: DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats, signal });
     const total = s.size;
     const onProgress = options.onProgress;
     const tracker = onProgress ? new ProgressTracker(stats, total, options.verify ?? false, (p) => onProgress(p.bytes_done, p.bytes_total ?? undefined, p)) : undefined;
@@ -181,12 +219,13 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     });
     if (hash) await pipelinePromise(source, hash, new ZeroDetect(sparse, queueSize, requestSize), sink);
     else await pipelinePromise(source, new ZeroDetect(sparse, queueSize, requestSize), sink);
+    throwIfAborted(signal); // aborted while the target was finishing: not reported as done
     const size = s.size ?? stats.bytesRead;
     const blkhash = hash ? { ...hash.hasher.spec, digest: hash.hasher.digest() } : undefined;
     let verified: boolean | undefined;
     if (options.verify) {
       tracker?.startVerify(size);
-      await verifyCopy(s, d, size, blkhash!, { requestSize: options.requestSize, requests, queueSize, onProgress: tracker ? (n) => tracker.verified(n) : undefined });
+      await verifyCopy(s, d, size, blkhash!, { requestSize: options.requestSize, requests, queueSize, signal, onProgress: tracker ? (n) => tracker.verified(n) : undefined });
       verified = true;
     }
     const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
@@ -196,8 +235,34 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     tracker?.finish(size);
     return { ...stats, size, elapsed, ...(blkhash && { blkhash }), ...(verified !== undefined && { verified }) };
   } catch (err) {
+    // after an abort, whatever failed on the way out (a stream torn down, a closed endpoint) is the abort
+    if (signal?.aborted) throw abortError(signal);
+    if (err instanceof TypeError) throw err; // a caller's mistake (an unknown option ...), as thrown
     throw asNbdStreamError(err, 'ERR_IO');
   } finally {
     await Promise.allSettled(opened.map((ep) => ep.close()));
   }
+}
+
+/**
+ * `p`, or an AbortError as soon as `signal` aborts; a value that arrives after the abort goes to
+ * `late` (to be closed).
+ */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal | undefined, late: (value: T) => void): Promise<T> {
+  if (!signal) return p;
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(abortError(signal));
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        if (signal.aborted) late(v);
+        else resolve(v);
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(err);
+      },
+    );
+  });
 }

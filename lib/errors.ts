@@ -20,7 +20,8 @@ export type ErrorCode =
   | 'ERR_TARGET_TOO_SMALL'
   | 'ERR_SAME_FILE' // the target is the source's file or block device
   | 'ERR_BROKEN_PIPE' // a pipe target's reader has gone (EPIPE)
-  | 'ERR_VERIFY'; // --verify: the target does not read back as the source
+  | 'ERR_VERIFY' // --verify: the target does not read back as the source
+  | 'ABORT_ERR'; // the AbortSignal passed in was aborted (the error's name is 'AbortError', as Node's)
 
 export interface ErrorDetails {
   /** Which endpoint (URI or path) the error concerns. */
@@ -31,6 +32,8 @@ export interface ErrorDetails {
   command?: string;
   /** Server error name, e.g. EIO (from an NBD error reply). */
   nbdError?: string;
+  /** The library option the error is about (e.g. 'requestSize'); the message starts with it. */
+  option?: string;
   cause?: unknown;
 }
 
@@ -40,6 +43,11 @@ export class NbdStreamError extends Error {
   offset?: number;
   command?: string;
   nbdError?: string;
+  option?: string;
+  /** Local file errors, as on Node's own errors: the negative errno (util.getSystemErrorName gives "ENOENT"), the call and the path. */
+  errno?: number;
+  syscall?: string;
+  path?: string;
 
   constructor(code: ErrorCode, message: string, details: ErrorDetails = {}) {
     super(message, details.cause !== undefined ? { cause: details.cause } : undefined);
@@ -49,6 +57,7 @@ export class NbdStreamError extends Error {
     this.offset = details.offset;
     this.command = details.command;
     this.nbdError = details.nbdError;
+    if (details.option !== undefined) this.option = details.option;
   }
 
   /** One line: "endpoint: at offset N: message". */
@@ -70,4 +79,33 @@ export function asNbdStreamError(err: unknown, code: ErrorCode, endpoint?: strin
   const e = err as NodeJS.ErrnoException | undefined;
   const msg = e && typeof e.message === 'string' ? e.message : String(err);
   return new NbdStreamError(code, msg, { endpoint, cause: err });
+}
+
+/**
+ * The rejection of an operation whose AbortSignal was aborted: as Node's own (name 'AbortError',
+ * code 'ABORT_ERR', the signal's reason as `cause`), and an NbdStreamError like every other.
+ */
+export function abortError(signal: AbortSignal): NbdStreamError {
+  const err = new NbdStreamError('ABORT_ERR', 'The operation was aborted', { cause: signal.reason });
+  err.name = 'AbortError';
+  return err;
+}
+
+/** Throw abortError(signal) if the signal is aborted. */
+export function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw abortError(signal);
+}
+
+/**
+ * Options objects are checked by name: a misspelt option is a TypeError naming it (and the
+ * known option nearest to it), not silently ignored. `known` lists every option `fn` takes.
+ */
+export function checkOptionNames(fn: string, options: object | undefined, known: Readonly<Record<string, unknown>>): void {
+  if (options === undefined || options === null) return;
+  if (typeof options !== 'object') throw new TypeError(`${fn}: options must be an object, not ${typeof options}`);
+  for (const name of Object.keys(options)) {
+    if (Object.hasOwn(known, name)) continue;
+    const near = Object.keys(known).find((k) => k.toLowerCase() === name.toLowerCase());
+    throw new TypeError(`${fn}: unknown option "${name}"${near ? ` (did you mean "${near}"?)` : ''}`);
+  }
 }

@@ -15,12 +15,14 @@ export interface VerifyOptions {
   queueSize?: number;
   /** Bytes of the target re-read so far. */
   onProgress?: (bytes: number) => void;
+  /** Stops the re-reading: rejects with an AbortError. */
+  signal?: AbortSignal;
 }
 
 /** Refuse, before the copy, targets that cannot be read back (pipes, null:). */
 export function checkVerifiable(src: Endpoint, dst: Endpoint): void {
   if (!dst.capabilities.seekable || (dst.size === undefined && src.size !== undefined))
-    throw new NbdStreamError('ERR_USAGE', `--verify: the destination ${dst.name} cannot be read back`);
+    throw new NbdStreamError('ERR_USAGE', `verify: the destination ${dst.name} cannot be read back`, { option: 'verify' });
 }
 
 /**
@@ -29,8 +31,8 @@ export function checkVerifiable(src: Endpoint, dst: Endpoint): void {
  * offset where they differ.
  */
 export async function verifyCopy(src: Endpoint, dst: Endpoint, size: number, expected: BlkhashResult, options: VerifyOptions = {}): Promise<BlkhashResult> {
-  if (dst.size === undefined) throw new NbdStreamError('ERR_USAGE', `--verify: the destination ${dst.name} cannot be read back`);
-  const io = { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize };
+  if (dst.size === undefined) throw new NbdStreamError('ERR_USAGE', `verify: the destination ${dst.name} cannot be read back`, { option: 'verify' });
+  const io = { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, signal: options.signal };
   const target = endpointView(dst, size);
   const got = await hashEndpoint(target, { algorithm: expected.algorithm, blockSize: expected.blockSize, ...io, onProgress: options.onProgress });
   if (got.digest === expected.digest) return got;

@@ -12,10 +12,12 @@
  *    files, BLKZEROOUT on block devices, else zero buffers are written. BLKDISCARD is never used
  *    for zeroes (read-after-discard is unspecified).
  *  - Every I/O failure is an NbdStreamError('ERR_IO', '<op> failed: <CODE> <text>') with the path
- *    and the request offset; messages are one line.
+ *    and the request offset, and Node's `errno`, `syscall` and `path` of the failed call; messages
+ *    are one line.
+ *  - `opts.fs` (a node:fs-compatible file system, e.g. a memfs volume) replaces node:fs for every
+ *    call; its fds are not the kernel's, so extents are dense and zeroes are written as buffers.
  */
 import * as fs from 'node:fs';
-import { promisify } from 'node:util';
 import { nodeFsPromises } from '../builtins.js';
 import { NbdStreamError } from '../errors.js';
 import { blkGetSize64, blkZeroOut, fileExtents, isNotSupported, native, punchHole, zeroRange } from '../native.js';
@@ -34,6 +36,7 @@ import {
   type ZeroOptions,
 } from './endpoint.js';
 import { detectImageFormat, IMAGE_HEADER_BYTES, type ImageFormat } from '../image-format.js';
+import { fileIo, type FileIo, type FileSystem } from './file-system.js';
 
 const MiB = 1024 * 1024;
 const MAX_REQUEST = 32 * MiB;
@@ -62,7 +65,16 @@ export function errnoText(err: unknown): string {
 
 function ioError(op: string, err: unknown, endpoint: string, offset?: number): NbdStreamError {
   if (err instanceof NbdStreamError) return err;
-  return new NbdStreamError('ERR_IO', `${op} failed: ${errnoText(err)}`, { endpoint, offset, cause: err });
+  return withErrno(new NbdStreamError('ERR_IO', `${op} failed: ${errnoText(err)}`, { endpoint, offset, cause: err }), err, endpoint);
+}
+
+/** Node's fields of the failed call (`errno`, `syscall`, `path`: the file's path when the call had none). */
+export function withErrno(e: NbdStreamError, cause: unknown, path: string): NbdStreamError {
+  const c = cause as NodeJS.ErrnoException | null | undefined;
+  if (typeof c?.errno === 'number') e.errno = c.errno;
+  if (typeof c?.syscall === 'string') e.syscall = c.syscall;
+  e.path = typeof c?.path === 'string' ? c.path : path;
+  return e;
 }
 
 function checkRange(name: string, offset: number, length: number): void {
@@ -88,16 +100,13 @@ function blockSizeOf(blksize: number): number {
 
 export type FileKind = 'file' | 'block';
 
-// fd-based calls: node:fs/promises (FileHandle) costs about 5 ms of start-up to load
-const fsStat = promisify(fs.stat);
-const fsOpen = promisify(fs.open);
-const fstat = promisify(fs.fstat);
-const fsFstat = (fd: number) => fstat(fd, { bigint: true });
-const fsFtruncate = promisify(fs.ftruncate);
-const fsRead = promisify(fs.read);
-const fsWrite = promisify(fs.write);
-const fsFsync = promisify(fs.fsync);
-const fsClose = promisify(fs.close);
+/** The file endpoint's own options. */
+export interface FileOptions extends Pick<OpenOptions, 'sourceIdentity'> {
+  /** Target: the source's size (a regular file is truncated to it; a device must be as large). */
+  sourceSize?: number;
+  /** A node:fs-compatible file system to use instead of node:fs (e.g. a memfs volume). */
+  fs?: FileSystem;
+}
 
 export class FileEndpoint implements Endpoint {
   readonly name: string;
@@ -107,16 +116,18 @@ export class FileEndpoint implements Endpoint {
   /** Source: the disk image format its header shows, if any (copied as raw bytes all the same). */
   imageFormat?: string;
   private readonly fd: number;
+  private readonly io: FileIo;
   private readonly mode: OpenMode;
   private _size: number | undefined;
   /** Regular-file target: highest end offset known to exist (a zero() past it must extend). */
   private knownEnd: number;
-  private punchUnsupported = false;
-  private zeroRangeUnsupported = false;
-  private blkZeroOutUnsupported = false;
+  private punchUnsupported: boolean;
+  private zeroRangeUnsupported: boolean;
+  private blkZeroOutUnsupported: boolean;
   private closing: Promise<void> | undefined;
 
-  constructor(fd: number, name: string, mode: OpenMode, kind: FileKind, size: number | undefined, blksize: number, zeroInitialised: boolean) {
+  constructor(io: FileIo, fd: number, name: string, mode: OpenMode, kind: FileKind, size: number | undefined, blksize: number, zeroInitialised: boolean) {
+    this.io = io;
     this.fd = fd;
     this.name = name;
     this.mode = mode;
@@ -124,9 +135,12 @@ export class FileEndpoint implements Endpoint {
     this._size = size;
     this.knownEnd = size ?? 0;
     const target = mode === 'target';
+    // the addon's calls need a kernel fd
+    const addon = native !== undefined && io.real;
+    this.punchUnsupported = this.zeroRangeUnsupported = this.blkZeroOutUnsupported = !addon;
     this.capabilities = {
-      canExtents: native !== undefined && kind === 'file',
-      canZero: target && native !== undefined,
+      canExtents: addon && kind === 'file',
+      canZero: target && addon,
       canFastZero: false,
       canTrim: false,
       canFlush: true,
@@ -171,7 +185,7 @@ export class FileEndpoint implements Endpoint {
     let got = 0;
     try {
       while (got < length) {
-        const { bytesRead } = await fsRead(this.fd, buf, got, length - got, offset + got);
+        const bytesRead = await this.io.read(this.fd, buf, got, length - got, offset + got);
         if (bytesRead === 0) break; // EOF
         got += bytesRead;
       }
@@ -212,7 +226,7 @@ export class FileEndpoint implements Endpoint {
     let done = 0;
     try {
       while (done < data.length) {
-        const n = fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+        const n = this.io.writeSync(this.fd, data, done, data.length - done, offset + done);
         if (n === 0) throw Object.assign(new Error('ENOSPC: no space left on device (0 bytes written)'), { code: 'ENOSPC' });
         done += n;
       }
@@ -235,7 +249,7 @@ export class FileEndpoint implements Endpoint {
     let done = 0;
     try {
       while (done < data.length) {
-        const { bytesWritten } = await fsWrite(this.fd, data, done, data.length - done, offset + done);
+        const bytesWritten = await this.io.write(this.fd, data, done, data.length - done, offset + done);
         if (bytesWritten === 0) throw Object.assign(new Error('ENOSPC: no space left on device (0 bytes written)'), { code: 'ENOSPC' });
         done += bytesWritten;
       }
@@ -302,14 +316,14 @@ export class FileEndpoint implements Endpoint {
     this.checkOpen();
     if (this.mode !== 'target') return;
     try {
-      await fsFsync(this.fd);
+      await this.io.fsync(this.fd);
     } catch (err) {
       throw ioError('flush', err, this.name);
     }
   }
 
   close(): Promise<void> {
-    this.closing ??= fsClose(this.fd).catch((err: unknown) => {
+    this.closing ??= this.io.close(this.fd).catch((err: unknown) => {
       throw ioError('close', err, this.name);
     });
     return this.closing;
@@ -327,11 +341,12 @@ export type FileOpenMode = OpenMode | 'update';
  * kept, it is not zero-initialised, and it must be at least `opts.sourceSize` bytes. FIFOs,
  * character devices and sockets belong to the pipe endpoint and are refused here with ERR_USAGE.
  */
-export async function openFile(path: string, openMode: FileOpenMode, opts: OpenOptions = {}): Promise<FileEndpoint> {
+export async function openFile(path: string, openMode: FileOpenMode, opts: FileOptions = {}): Promise<FileEndpoint> {
   if (openMode !== 'source' && openMode !== 'target' && openMode !== 'update') throw new NbdStreamError('ERR_USAGE', `bad open mode ${String(openMode)}`, { endpoint: path });
   const update = openMode === 'update';
   const mode: OpenMode = update ? 'target' : openMode;
   const sourceSize = opts.sourceSize;
+  const io = fileIo(opts.fs);
   if (sourceSize !== undefined && (!Number.isSafeInteger(sourceSize) || sourceSize < 0)) {
     throw new NbdStreamError('ERR_USAGE', `bad source size ${sourceSize}`, { endpoint: path });
   }
@@ -339,7 +354,7 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
   // Look first so that a FIFO is never opened here (open() on a FIFO blocks for the peer).
   let exists = true;
   try {
-    const st = await fsStat(path);
+    const st = await io.stat(path);
     if (st.isFIFO() || st.isCharacterDevice() || st.isSocket()) {
       throw new NbdStreamError('ERR_USAGE', 'not a regular file or block device (use it as a pipe)', { endpoint: path });
     }
@@ -354,28 +369,31 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
   const flags = mode === 'source' ? fs.constants.O_RDONLY : fs.constants.O_RDWR | (exists ? 0 : fs.constants.O_CREAT);
   let fd: number;
   try {
-    fd = await fsOpen(path, flags, 0o666);
+    fd = await io.open(path, flags, 0o666);
   } catch (err) {
     throw openError(path, mode, err);
   }
 
   try {
-    const st = await fsFstat(fd);
-    const identity = fileIdentity(st);
+    const st = await io.fstat(fd);
+    // an injected fs numbers its own inodes: its files are told apart from the kernel's by its tag
+    const kernel = fileIdentity(st);
+    const identity = kernel === undefined ? undefined : io.tag + kernel;
     if (mode === 'target') checkNotSource(path, identity, opts.sourceIdentity); // before any truncate or write
     const blksize = Number(st.blksize);
     if (st.isBlockDevice()) {
+      if (!io.real) throw new NbdStreamError('ERR_UNSUPPORTED', 'a block device needs node:fs, not an injected fs', { endpoint: path });
       let size: number;
       try {
-        size = native ? blkGetSize64(fd) : await sysfsBlockSize(st.rdev);
+        size = native ? blkGetSize64(fd) : await sysfsBlockSize(BigInt(st.rdev));
       } catch (err) {
         throw ioError('get size', err, path);
       }
       if (mode === 'target' && sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      const ep = withIdentity(new FileEndpoint(fd, path, mode, 'block', size, blksize, false), identity);
-      if (mode === 'source') ep.imageFormat = await readImageFormat(fd);
+      const ep = withIdentity(new FileEndpoint(io, fd, path, mode, 'block', size, blksize, false), identity);
+      if (mode === 'source') ep.imageFormat = await readImageFormat(io, fd);
       return ep;
     }
     if (!st.isFile()) {
@@ -383,8 +401,8 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
       throw new NbdStreamError(st.isDirectory() ? 'ERR_IO' : 'ERR_USAGE', what, { endpoint: path });
     }
     if (mode === 'source') {
-      const ep = withIdentity(new FileEndpoint(fd, path, mode, 'file', Number(st.size), blksize, false), identity);
-      ep.imageFormat = await readImageFormat(fd);
+      const ep = withIdentity(new FileEndpoint(io, fd, path, mode, 'file', Number(st.size), blksize, false), identity);
+      ep.imageFormat = await readImageFormat(io, fd);
       return ep;
     }
     if (update) {
@@ -392,19 +410,19 @@ export async function openFile(path: string, openMode: FileOpenMode, opts: OpenO
       if (sourceSize !== undefined && size < sourceSize) {
         throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${size} < ${sourceSize} bytes)`, { endpoint: path });
       }
-      return withIdentity(new FileEndpoint(fd, path, mode, 'file', size, blksize, false), identity);
+      return withIdentity(new FileEndpoint(io, fd, path, mode, 'file', size, blksize, false), identity);
     }
 
     // Regular-file target: drop old contents so it is all hole, then extend to the source size.
     try {
-      await fsFtruncate(fd, 0);
-      if (sourceSize !== undefined && sourceSize > 0) await fsFtruncate(fd, sourceSize);
+      await io.ftruncate(fd, 0);
+      if (sourceSize !== undefined && sourceSize > 0) await io.ftruncate(fd, sourceSize);
     } catch (err) {
       throw ioError('truncate', err, path);
     }
-    return withIdentity(new FileEndpoint(fd, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined), identity);
+    return withIdentity(new FileEndpoint(io, fd, path, mode, 'file', sourceSize, blksize, sourceSize !== undefined), identity);
   } catch (err) {
-    await fsClose(fd).catch(() => undefined);
+    await io.close(fd).catch(() => undefined);
     throw err instanceof NbdStreamError ? err : ioError('open', err, path);
   }
 }
@@ -418,10 +436,10 @@ function withIdentity(ep: FileEndpoint, identity: string | undefined): FileEndpo
  * The image format named by the header at offset 0 of `fd`, if any (lib/image-format.ts). Only a
  * hint: a header that cannot be read is no format (the copy's own read reports the error).
  */
-async function readImageFormat(fd: number): Promise<ImageFormat | undefined> {
+async function readImageFormat(io: FileIo, fd: number): Promise<ImageFormat | undefined> {
   const header = Buffer.alloc(IMAGE_HEADER_BYTES);
   try {
-    const { bytesRead } = await fsRead(fd, header, 0, header.length, 0);
+    const bytesRead = await io.read(fd, header, 0, header.length, 0);
     return detectImageFormat(header.subarray(0, bytesRead));
   } catch {
     return undefined;
@@ -431,8 +449,8 @@ async function readImageFormat(fd: number): Promise<ImageFormat | undefined> {
 function openError(path: string, mode: OpenMode, err: unknown): NbdStreamError {
   const code = (err as NodeJS.ErrnoException).code;
   if (mode === 'target' && code === 'EROFS') {
-    return new NbdStreamError('ERR_UNSUPPORTED', `target is read-only: cannot open for writing: ${errnoText(err)}`, { endpoint: path, cause: err });
+    return withErrno(new NbdStreamError('ERR_UNSUPPORTED', `target is read-only: cannot open for writing: ${errnoText(err)}`, { endpoint: path, cause: err }), err, path);
   }
   const what = mode === 'target' ? 'cannot open for writing' : 'cannot open';
-  return new NbdStreamError('ERR_IO', `${what}: ${errnoText(err)}`, { endpoint: path, cause: err });
+  return withErrno(new NbdStreamError('ERR_IO', `${what}: ${errnoText(err)}`, { endpoint: path, cause: err }), err, path);
 }

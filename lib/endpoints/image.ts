@@ -55,8 +55,9 @@ async function qemuImgCreate(file: string, format: string, size: number): Promis
 
 /** Open a file source or target as a `format` image (see the header). */
 export async function openImage(file: string, mode: OpenMode, format: string, opts: OpenOptions): Promise<Endpoint> {
-  const option = mode === 'source' ? '--format' : '--target-format';
-  if (!/^[a-z0-9_-]+$/.test(format)) throw new NbdStreamError('ERR_USAGE', `${option}: bad format name "${format}"`, { endpoint: file });
+  // the copy option it comes from (the CLI says --format, --target-format)
+  const option = mode === 'source' ? 'format' : 'targetFormat';
+  if (!/^[a-z0-9_-]+$/.test(format)) throw new NbdStreamError('ERR_USAGE', `${option}: bad format name "${format}"`, { endpoint: file, option });
   const { openFile } = await import('./file.js');
   const connections = opts.connections ?? 4;
 
@@ -66,23 +67,23 @@ export async function openImage(file: string, mode: OpenMode, format: string, op
     return openCommand(qemuNbd(file, fmt, true, connections), opts, file);
   }
 
-  if (format === 'auto') throw new NbdStreamError('ERR_USAGE', `${option}: expected a format name such as qcow2, not "auto"`, { endpoint: file });
+  if (format === 'auto') throw new NbdStreamError('ERR_USAGE', `${option}: expected a format name such as qcow2, not "auto"`, { endpoint: file, option });
   if (format === 'raw') return openFile(file, opts.update ? 'update' : 'target', opts);
   const size = opts.sourceSize;
-  if (size === undefined) throw new NbdStreamError('ERR_USAGE', `${option}: the source's size is unknown (a pipe); an image needs it`, { endpoint: file });
+  if (size === undefined) throw new NbdStreamError('ERR_USAGE', `${option}: the source's size is unknown (a pipe); an image needs it`, { endpoint: file, option });
   let st: fs.Stats | undefined;
   try {
     st = fs.statSync(file);
   } catch {
     st = undefined;
   }
-  if (st && !st.isFile()) throw new NbdStreamError('ERR_USAGE', `${option}: the destination must be a regular file`, { endpoint: file });
+  if (st && !st.isFile()) throw new NbdStreamError('ERR_USAGE', `${option}: the destination must be a regular file`, { endpoint: file, option });
   if (st && probe(file) === format) {
     const ep = await openCommand(qemuNbd(file, format, false, connections), opts, file);
     if (ep.size >= size) return ep;
     await ep.close();
   }
-  if (opts.update) throw new NbdStreamError('ERR_USAGE', `${option}: a partial copy needs an existing ${format} image at least ${size} bytes large`, { endpoint: file });
+  if (opts.update) throw new NbdStreamError('ERR_USAGE', `${option}: a partial copy needs an existing ${format} image at least ${size} bytes large`, { endpoint: file, option });
   await qemuImgCreate(file, format, size);
   const ep = await openCommand(qemuNbd(file, format, false, connections), opts, file);
   ep.capabilities.isZeroInitialised = true;

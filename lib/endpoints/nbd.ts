@@ -136,7 +136,7 @@ export function combineDirty(dirty: BlockStatusExtent[], alloc: BlockStatusExten
 export async function openNbd(uri: string, opts: OpenOptions = {}, name?: string, onClose?: () => Promise<void>): Promise<NbdEndpoint> {
   const bitmap = opts.dirtyBitmap;
   if (bitmap !== undefined && (bitmap === '' || Buffer.byteLength(bitmap) > 1000))
-    throw new NbdStreamError('ERR_USAGE', `--dirty-bitmap: bad bitmap name "${bitmap}"`, { endpoint: name ?? uri });
+    throw new NbdStreamError('ERR_USAGE', `dirtyBitmap: bad bitmap name "${bitmap}"`, { endpoint: name ?? uri, option: 'dirtyBitmap' });
   const client = await NbdClient.connect(uri, {
     metaContexts: bitmap !== undefined ? ['base:allocation', dirtyContextName(bitmap)] : undefined,
     connections: opts.connections ?? 4,

@@ -4,21 +4,33 @@
  * character devices and sockets are pipes). Pipes read or write raw bytes or the extent stream
  * format (opts.pipeFormat; a source detects it); a target opened with opts.update keeps its
  * contents (files are not truncated); opts.dirtyBitmap applies to NBD sources; opts.format opens a
- * file as a disk image through qemu-nbd (image.ts).
+ * file as a disk image through qemu-nbd (image.ts). A `{ file, fs }` object is a regular file
+ * opened through its own options (fs: a node:fs-compatible file system such as a memfs volume).
  */
 import * as fs from 'node:fs';
 import { promisify } from 'node:util';
-import { NbdStreamError } from '../errors.js';
+import { NbdStreamError, checkOptionNames } from '../errors.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { checkNotSource, fileIdentity, type Endpoint, type OpenMode, type OpenOptions } from './endpoint.js';
 import type { NbdEndpoint } from './nbd.js';
+import type { FileOptions } from './file.js';
 // Endpoint kinds are loaded when used: a copy pays start-up time only for the kinds it opens.
 
-/** A URI, path, "-", "null:", or the argv of a server command to socket-activate. */
-export type EndpointSpec = string | string[];
+/** A regular file (or block device) with the file endpoint's own options, e.g. `{ file: '/out.img', fs: vol }`. */
+export interface FileSpec extends Pick<FileOptions, 'fs'> {
+  file: string;
+}
+
+/** A URI, path, "-", "null:", the argv of a server command to socket-activate, or a FileSpec. */
+export type EndpointSpec = string | string[] | FileSpec;
+
+/** An opened Endpoint rather than a spec (a string, an argv array or a FileSpec). */
+export function isEndpoint(x: EndpointSpec | Endpoint): x is Endpoint {
+  return typeof x === 'object' && x !== null && !Array.isArray(x) && typeof (x as Endpoint).read === 'function';
+}
 
 export function describeSpec(spec: EndpointSpec): string {
-  return Array.isArray(spec) ? `[ ${spec.join(' ')} ]` : spec;
+  return Array.isArray(spec) ? `[ ${spec.join(' ')} ]` : typeof spec === 'object' ? spec.file : spec;
 }
 
 /** Start `argv` by socket activation (command.ts) and open its export; the command stops on close(). */
@@ -45,18 +57,25 @@ async function sizedForMode(ep: Endpoint, mode: OpenMode): Promise<Endpoint> {
 }
 
 export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: OpenOptions = {}): Promise<Endpoint> {
+  if (typeof spec !== 'string' && (typeof spec !== 'object' || spec === null))
+    throw new TypeError(`an endpoint is a URI or path, an argv array, a { file, fs } object or an Endpoint, not ${spec === null ? 'null' : typeof spec}`);
   if (mode !== 'source' && opts.dirtyBitmap !== undefined) opts = { ...opts, dirtyBitmap: undefined };
-  if (opts.format !== undefined && (Array.isArray(spec) || spec === '-' || spec === 'null:' || /^[a-z][a-z0-9+.-]*:\/\//i.test(spec)))
-    throw new NbdStreamError('ERR_USAGE', `${mode === 'source' ? '--format' : '--target-format'} applies to a file ${mode}`, { endpoint: describeSpec(spec) });
+  // format is the copy's `format` for a source, `targetFormat` for a target
+  const formatOption = mode === 'source' ? 'format' : 'targetFormat';
+  if (opts.format !== undefined && (Array.isArray(spec) || spec === '-' || spec === 'null:' || (typeof spec === 'string' && /^[a-z][a-z0-9+.-]*:\/\//i.test(spec))))
+    throw new NbdStreamError('ERR_USAGE', `${formatOption} applies to a file ${mode}`, { endpoint: describeSpec(spec), option: formatOption });
   if (Array.isArray(spec)) return sizedForMode(await openCommand(spec, opts, describeSpec(spec)), mode);
-  if (isNbdUri(spec)) return sizedForMode(await (await import('./nbd.js')).openNbd(spec, opts), mode);
-  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
-  if (spec === 'null:') {
-    if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination, not a source');
-    return (await import('./null.js')).openNull();
+  if (typeof spec === 'string') {
+    if (isNbdUri(spec)) return sizedForMode(await (await import('./nbd.js')).openNbd(spec, opts), mode);
+    if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new NbdStreamError('ERR_URI', `unsupported URI scheme`, { endpoint: spec });
+    if (spec === 'null:') {
+      if (mode === 'source') throw new NbdStreamError('ERR_USAGE', 'null: can only be a destination, not a source');
+      return (await import('./null.js')).openNull();
+    }
   }
   if (opts.dirtyBitmap !== undefined && mode === 'source')
-    throw new NbdStreamError('ERR_USAGE', `--dirty-bitmap needs an NBD source (qemu:dirty-bitmap:${opts.dirtyBitmap}), not ${spec === '-' ? 'a pipe' : 'a file'}`, { endpoint: spec });
+    throw new NbdStreamError('ERR_USAGE', `dirtyBitmap needs an NBD source (qemu:dirty-bitmap:${opts.dirtyBitmap}), not ${spec === '-' ? 'a pipe' : 'a file'}`, { endpoint: describeSpec(spec), option: 'dirtyBitmap' });
+  if (typeof spec === 'object') return openFileSpec(spec, mode, opts);
   const pipeOpts = { format: opts.pipeFormat, size: opts.sourceSize, update: opts.update };
   if (spec === '-') {
     // stdin or stdout may be a regular file or device (`< s.img`, `1<> s.img`): it has an identity
@@ -79,11 +98,22 @@ export async function openEndpoint(spec: EndpointSpec, mode: OpenMode, opts: Ope
   }
   if (st && (st.isFIFO() || st.isCharacterDevice() || st.isSocket())) {
     // async open: opening a FIFO waits for its other end, which must not block the event loop
-    if (opts.format !== undefined) throw new NbdStreamError('ERR_USAGE', `${mode === 'source' ? '--format' : '--target-format'} applies to a file ${mode}, not a pipe`, { endpoint: spec });
+    if (opts.format !== undefined) throw new NbdStreamError('ERR_USAGE', `${formatOption} applies to a file ${mode}, not a pipe`, { endpoint: spec, option: formatOption });
     const fd = await promisify(fs.open)(spec, mode === 'source' ? 'r' : 'w');
     return (await import('./pipe.js')).openPipe(fd, spec, mode, pipeOpts);
   }
-  if (opts.format !== undefined) return (await import('./image.js')).openImage(spec, mode, opts.format, opts);
+  return openFileSpec({ file: spec }, mode, opts);
+}
+
+const FILE_SPEC_KEYS: Readonly<Record<keyof FileSpec, true>> = { file: true, fs: true };
+
+async function openFileSpec(spec: FileSpec, mode: OpenMode, opts: OpenOptions): Promise<Endpoint> {
+  checkOptionNames('a { file } endpoint', spec, FILE_SPEC_KEYS);
+  if (typeof spec.file !== 'string') throw new TypeError('a { file } endpoint needs a path: { file: string, fs? }');
+  if (opts.format !== undefined) {
+    if (spec.fs !== undefined) throw new NbdStreamError('ERR_UNSUPPORTED', 'a disk image format needs node:fs (qemu-nbd opens the file), not an injected fs', { endpoint: spec.file });
+    return (await import('./image.js')).openImage(spec.file, mode, opts.format, opts);
+  }
   // a partial source (dirty bitmap, incremental stream) updates an existing file in place
-  return (await import('./file.js')).openFile(spec, mode === 'target' && opts.update ? 'update' : mode, opts);
+  return (await import('./file.js')).openFile(spec.file, mode === 'target' && opts.update ? 'update' : mode, { sourceSize: opts.sourceSize, sourceIdentity: opts.sourceIdentity, fs: spec.fs });
 }

@@ -445,7 +445,7 @@ export async function openPipe(fdOrStream: number | Readable | Writable, name: s
   if (o.format !== undefined && o.format !== 'raw' && o.format !== 'extents')
     throw new NbdStreamError('ERR_USAGE', `bad pipe format "${String(o.format)}" (expected raw or extents)`, { endpoint: name });
   if (mode === 'target' && o.update && o.format !== 'extents')
-    throw new NbdStreamError('ERR_USAGE', 'the source is partial (a dirty bitmap): a raw pipe cannot leave ranges untouched; use --pipe-format=extents', { endpoint: name });
+    throw new NbdStreamError('ERR_USAGE', 'the source is partial (a dirty bitmap): a raw pipe cannot leave ranges untouched; use pipeFormat=extents', { endpoint: name, option: 'pipeFormat' });
   let stream: Readable | Writable;
   try {
     if (mode === 'source') stream = typeof fdOrStream === 'number' ? readableFromFd(fdOrStream) : (fdOrStream as Readable);

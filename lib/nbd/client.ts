@@ -505,3 +505,8 @@ export class NbdClient {
     await Promise.all(this.conns.map((c) => c.close()));
   }
 }
+
+/** NbdClient.connect(target, options): connect to an NBD URI (or a parsed address) and negotiate. */
+export function connect(target: string | NbdAddress, options?: ConnectOptions): Promise<NbdClient> {
+  return NbdClient.connect(target, options);
+}

@@ -122,10 +122,10 @@ export interface ServeOpenOptions {
  */
 export async function openServedEndpoint(spec: string, o: ServeOpenOptions = {}): Promise<Endpoint> {
   if (spec === 'memory:') {
-    if (o.size === undefined) throw new NbdStreamError('ERR_USAGE', 'memory: needs a size (--size)', { endpoint: spec });
+    if (o.size === undefined) throw new NbdStreamError('ERR_USAGE', 'memory: needs the size option', { endpoint: spec, option: 'size' });
     return new SparseMemoryEndpoint(o.size, spec);
   }
-  if (o.size !== undefined) throw new NbdStreamError('ERR_USAGE', '--size only applies to memory:', { endpoint: spec });
+  if (o.size !== undefined) throw new NbdStreamError('ERR_USAGE', 'size only applies to memory:', { endpoint: spec, option: 'size' });
   // openFile: stat checks (no FIFOs, directories ...), size (BLKGETSIZE64 for devices), kind,
   // block size. Read-write exports use its 'update' mode: in place, never created or truncated;
   // zeroes punch holes / ZERO_RANGE / BLKZEROOUT.
@@ -135,7 +135,8 @@ export async function openServedEndpoint(spec: string, o: ServeOpenOptions = {})
   } catch (err) {
     const code = ((err as NbdStreamError).cause as NodeJS.ErrnoException | undefined)?.code;
     if (err instanceof NbdStreamError && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
-      throw new NbdStreamError(err.code, `${err.message} (use --read-only to export it read-only)`, { endpoint: spec, cause: err.cause });
+      const e = new NbdStreamError(err.code, `${err.message} (use readOnly to export it read-only)`, { endpoint: spec, cause: err.cause, option: 'readOnly' });
+      throw Object.assign(e, { errno: err.errno, syscall: err.syscall, path: err.path });
     }
     throw err;
   }

@@ -32,7 +32,7 @@
 import { EventEmitter } from 'node:events';
 import type * as net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { NbdStreamError } from '../errors.js';
+import { NbdStreamError, checkOptionNames } from '../errors.js';
 import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
 import {
   NBD_CMD_BLOCK_STATUS,
@@ -219,6 +219,8 @@ export interface ExportDefinition {
 }
 
 export interface NbdServerOptions {
+  /** Aborting it closes the server as close() does: its listeners, then its clients. */
+  signal?: AbortSignal;
   /** Serve every export read-only. */
   readOnly?: boolean;
   /** TLS credentials and mode; without it STARTTLS is refused (NBD_REP_ERR_POLICY). */
@@ -241,6 +243,17 @@ export interface NbdServerOptions {
 export const DEFAULT_HANDSHAKE_LIMIT_MS = 10_000;
 /** The longest delay setTimeout takes (2^31 − 1 ms); longer ones fire at once. */
 export const MAX_TIMER_MS = 0x7fff_ffff;
+/** Every NbdServerOptions name (unknown names are a TypeError). */
+export const SERVER_OPTIONS: Readonly<Record<keyof NbdServerOptions, true>> = {
+  signal: true,
+  readOnly: true,
+  tls: true,
+  faults: true,
+  maxRequests: true,
+  maxBytesInFlight: true,
+  maxQueuedBytes: true,
+  handshakeLimitMs: true,
+};
 
 export interface ListenOptions {
   /** Unix socket path. */
@@ -442,9 +455,13 @@ export class NbdServer extends EventEmitter {
   private nextId = 1;
   private closing: Promise<void> | undefined;
   private listened: ListenOptions | undefined;
+  private readonly signal: AbortSignal | undefined;
+  private readonly onAbort = () => void this.close();
 
   constructor(exports: Endpoint | ExportDefinition[], opts: NbdServerOptions = {}) {
     super();
+    checkOptionNames('NbdServer', opts, SERVER_OPTIONS);
+    this.signal = opts.signal;
     this.readOnly = !!opts.readOnly;
     const defs = Array.isArray(exports) ? exports : [{ name: '', endpoint: exports }];
     if (defs.length === 0) throw new NbdStreamError('ERR_USAGE', 'no exports to serve');
@@ -464,6 +481,8 @@ export class NbdServer extends EventEmitter {
     this.budget = new ReplyBudget(opts.maxQueuedBytes ?? 128 * 1024 * 1024, () => {
       for (const c of this.conns) c.updateFlow();
     });
+    if (this.signal?.aborted) this.onAbort();
+    else this.signal?.addEventListener('abort', this.onAbort, { once: true });
   }
 
   /** The export for a client's name: exact match, and '' means the first export. */
@@ -505,6 +524,11 @@ export class NbdServer extends EventEmitter {
       else if (o.path !== undefined) srv.listen(o.path, resolve);
       else srv.listen(o.port ?? 0, o.host, resolve);
     });
+    // closed (or aborted) while this listener was starting: it closes too
+    if (this.closing) {
+      srv.close();
+      throw new NbdStreamError('ERR_USAGE', 'server is closed');
+    }
     // accept() errors (EMFILE ...) must not crash the process
     srv.on('error', (err) => this.emit('clientError', new NbdStreamError('ERR_CONNECT', `listening socket: ${err.message}`, { cause: err }), 0));
     this.servers.push(srv);
@@ -559,6 +583,7 @@ export class NbdServer extends EventEmitter {
    * `graceMs`), then close every connection. Endpoints are not closed (they belong to the caller).
    */
   close(graceMs = 2000): Promise<void> {
+    this.signal?.removeEventListener('abort', this.onAbort);
     this.closing ??= (async () => {
       const listening = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
       const conns = [...this.conns];

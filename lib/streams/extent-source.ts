@@ -17,9 +17,12 @@
  * edges, pending runs end before them, and the target is left alone there. A source that
  * provides `chunks()` (an extent-format pipe) is not planned at all: its chunks are forwarded in
  * order as they arrive.
+ *
+ * With `signal`, an abort fails the stream with an AbortError at once: no read or extent request
+ * is started after it (those in flight complete and are dropped).
  */
 import { Readable } from 'streamx';
-import { NbdStreamError } from '../errors.js';
+import { NbdStreamError, abortError } from '../errors.js';
 import { ExtentMap, WORK_RANGE, type Chunk } from '../extents.js';
 import type { Endpoint, ExtentRun } from '../endpoints/endpoint.js';
 import { newStats, type CopyStats } from './stats.js';
@@ -42,6 +45,8 @@ export interface ExtentSourceOptions {
   /** Use extent information (default true); false reads everything (--no-extents). */
   extents?: boolean;
   stats?: CopyStats;
+  /** Aborting it destroys the stream with an AbortError and starts no further request. */
+  signal?: AbortSignal;
 }
 
 type Piece = { kind: 'zero' | 'data'; offset: number; length: number } | { kind: 'chunk'; offset: number; length: number; chunk: Chunk };
@@ -90,6 +95,8 @@ export class ExtentSource extends Readable {
   private stallTimer: NodeJS.Timeout | undefined;
   /** One read may start beyond the budget (the stall timer fired). */
   private overdraft = false;
+  private readonly signal: AbortSignal | undefined;
+  private readonly onAbort = () => this.fail(abortError(this.signal!));
 
   constructor(src: Endpoint, options: ExtentSourceOptions = {}) {
     const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
@@ -104,6 +111,8 @@ export class ExtentSource extends Readable {
     this.plan = src.chunks ? this.planChunks(src.chunks()) : src.size === undefined ? this.planStream() : this.planRanges(src.size);
     this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? (options.requestSize ?? DEFAULT_READ_SIZE), src.capabilities.maxRequest, this.queueSize));
     this.pool = new BufferPool(this.readSize);
+    this.signal = options.signal;
+    this.signal?.addEventListener('abort', this.onAbort, { once: true });
   }
 
   /** Pieces of a source of known size, by work range. */
@@ -289,7 +298,7 @@ export class ExtentSource extends Readable {
         (n) => {
           this.planning = false;
           if (n.done) this.planDone = true;
-          else this.start(n.value);
+          else if (!this.failed) this.start(n.value);
           this.drain();
           this.pump();
         },
@@ -347,12 +356,14 @@ export class ExtentSource extends Readable {
 
   override _read(cb: (err: Error | null) => void): void {
     this.pendingRead = cb;
+    if (this.signal?.aborted) return this.fail(abortError(this.signal));
     this.flowing = true;
     this.drain();
     this.pump();
   }
 
   override _destroy(cb: (err: Error | null) => void): void {
+    this.signal?.removeEventListener('abort', this.onAbort);
     clearTimeout(this.stallTimer);
     void this.plan.return(undefined).finally(() => cb(null));
   }

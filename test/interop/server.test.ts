@@ -691,7 +691,8 @@ describe('nbdstream serve', () => {
 
     for (const [args, re] of [
       [['serve', path.join(dir, 'missing.img')], /^nbdstream serve: .*missing\.img: cannot open: ENOENT/],
-      [['serve', 'memory:'], /^nbdstream serve: memory:: memory: needs a size \(--size\)/],
+      [['serve', 'memory:'], /^nbdstream serve: memory:: memory: needs the --size option/],
+      [['serve', '--size', '1M', img], /^nbdstream serve: .*: --size only applies to memory:$/m],
       [['serve', '--frob', img], /^nbdstream serve: unknown option: --frob/],
       [['serve', '--tls=require', img], /^nbdstream serve: --tls=require needs --tls-psk=FILE or --tls-certificates=DIR/],
     ] as Array<[string[], RegExp]>) {

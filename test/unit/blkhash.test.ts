@@ -263,7 +263,7 @@ describe('copy() with blkhash and verify', () => {
   });
 
   it('verify refuses a destination that cannot be read back, before copying', async () => {
-    await expect(copy(srcFile, 'null:', { verify: true })).rejects.toThrow('--verify: the destination null: cannot be read back');
+    await expect(copy(srcFile, 'null:', { verify: true })).rejects.toThrow('verify: the destination null: cannot be read back');
   });
 
   it('onProgress: monotonic, phases copying → verifying → done, ends with bytes_done == bytes_total', async () => {

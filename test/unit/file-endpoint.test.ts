@@ -17,7 +17,10 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
+import { Volume } from 'memfs';
 import { attachLoop } from '../helpers/loop.js';
+import { copy } from '../../lib/copy.js';
+import { MemoryEndpoint } from '../../lib/endpoints/memory.js';
 import { NbdStreamError } from '../../lib/errors.js';
 import { openFile, type FileEndpoint } from '../../lib/endpoints/file.js';
 import { fileExtents, native } from '../../lib/native.js';
@@ -318,6 +321,8 @@ describe('errors', () => {
     expect(e.endpoint).toBe(path);
     expect(e.describe()).toContain(path);
     expect(e.describe()).toContain('ENOENT');
+    // Node's own fields of the failed call
+    expect([e.errno, e.syscall, e.path]).toEqual([-2, 'stat', path]);
   });
 
   it('a missing target directory: ERR_IO ENOENT', async () => {
@@ -488,5 +493,84 @@ describe('without the native addon (NBDSTREAM_NATIVE=0)', () => {
       else process.env.NBDSTREAM_NATIVE = saved;
       vi.resetModules();
     }
+  });
+});
+
+// The file endpoint over an injected node:fs-compatible file system (memfs): no kernel fds, so
+// the JS fallbacks (dense extents, zero buffers) and every call through the volume.
+describe('an injected fs (memfs)', () => {
+  function volumeWith(files: Record<string, Buffer>): InstanceType<typeof Volume> {
+    const vol = new Volume();
+    vol.mkdirSync('/d');
+    for (const [name, data] of Object.entries(files)) vol.writeFileSync(name, data);
+    return vol;
+  }
+
+  it('source: reads through the volume; extents are the dense fallback, not SEEK_DATA', async () => {
+    const data = randomBytes(3 * MiB + 5);
+    const vol = volumeWith({ '/d/src.img': data });
+    const ep = track(await openFile('/d/src.img', 'source', { fs: vol }));
+    expect(ep.size).toBe(data.length);
+    expect(ep.capabilities.canExtents).toBe(false);
+    expect(ep.capabilities.canZero).toBe(false);
+    expect(ep.capabilities.readOnly).toBe(true);
+    expect(await ep.extents(0, 8 * MiB)).toEqual([{ offset: 0, length: data.length, zero: false }]);
+    expect((await ep.read(1 * MiB, 64 * KiB)).data.equals(data.subarray(1 * MiB, 1 * MiB + 64 * KiB))).toBe(true);
+    // a read past the end is short
+    expect((await ep.read(data.length - 5, 4096)).data.equals(data.subarray(data.length - 5))).toBe(true);
+    // nothing of it reached the real file system
+    expect(existsSync('/d/src.img')).toBe(false);
+  });
+
+  it('target: created and truncated to the source size in the volume; short (sync) and long writes; zero() writes zeroes', async () => {
+    const vol = volumeWith({ '/d/out.img': Buffer.alloc(9 * MiB, 0xee) });
+    const ep = track(await openFile('/d/out.img', 'target', { sourceSize: 4 * MiB, fs: vol }));
+    expect([ep.size, ep.capabilities.isZeroInitialised, ep.capabilities.canZero]).toEqual([4 * MiB, true, false]);
+    expect(vol.statSync('/d/out.img').size).toBe(4 * MiB);
+    const short = randomBytes(4 * KiB);
+    const long = randomBytes(2 * MiB);
+    await Promise.all([ep.write(0, short), ep.write(1 * MiB, long)]);
+    await ep.write(3 * MiB, Buffer.alloc(1 * MiB, 0x55));
+    await ep.zero(3 * MiB + 4 * KiB, 8 * KiB);
+    await ep.flush();
+    await ep.close();
+    const expected = Buffer.alloc(4 * MiB);
+    short.copy(expected, 0);
+    long.copy(expected, 1 * MiB);
+    expected.fill(0x55, 3 * MiB).fill(0, 3 * MiB + 4 * KiB, 3 * MiB + 12 * KiB);
+    expect((vol.readFileSync('/d/out.img') as Buffer).equals(expected)).toBe(true);
+  });
+
+  it('a target without a source size grows with its writes, and a trailing zero() extends it', async () => {
+    const vol = volumeWith({});
+    const ep = track(await openFile('/d/grow.img', 'target', { fs: vol }));
+    expect(ep.capabilities.isZeroInitialised).toBe(false);
+    await ep.write(0, Buffer.alloc(4096, 1));
+    await ep.zero(4096, 1 * MiB);
+    await ep.close();
+    expect((vol.readFileSync('/d/grow.img') as Buffer).equals(Buffer.alloc(4096 + 1 * MiB).fill(1, 0, 4096))).toBe(true);
+  });
+
+  it("errors carry the volume's errno, syscall and path", async () => {
+    const vol = volumeWith({});
+    const e = await rejection(openFile('/d/missing.img', 'source', { fs: vol }));
+    expect([e.code, e.message, e.errno, e.syscall, e.path, e.endpoint]).toEqual(['ERR_IO', 'cannot open: ENOENT no such file or directory', -2, 'stat', '/d/missing.img', '/d/missing.img']);
+    const t = await rejection(openFile('/no/dir/x.img', 'target', { sourceSize: 10, fs: vol }));
+    expect([t.code, t.errno, t.path]).toEqual(['ERR_IO', -2, '/no/dir/x.img']);
+  });
+
+  it('copy() between { file, fs } endpoints: zero runs detected, holes skipped on the zero-initialised target', async () => {
+    const data = Buffer.alloc(8 * MiB);
+    randomBytes(64 * KiB).copy(data, 1 * MiB);
+    randomBytes(4 * KiB).copy(data, 6 * MiB + 8 * KiB);
+    const vol = volumeWith({ '/d/a.img': data });
+    const s = await copy({ file: '/d/a.img', fs: vol }, { file: '/d/b.img', fs: vol });
+    expect((vol.readFileSync('/d/b.img') as Buffer).equals(data)).toBe(true);
+    // dense extents: everything is read; -S 4096 keeps the zero blocks from being written
+    expect([s.bytesRead, s.bytesWritten, s.requests.zero]).toEqual([8 * MiB, 68 * KiB, 0]);
+    // and from an in-memory endpoint into the volume
+    const back = await copy(new MemoryEndpoint(data), { file: '/d/c.img', fs: vol });
+    expect(back.bytesWritten).toBe(68 * KiB);
+    expect((vol.readFileSync('/d/c.img') as Buffer).equals(data)).toBe(true);
   });
 });
