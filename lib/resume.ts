@@ -196,7 +196,16 @@ export class ResumeState {
       throw new NbdStreamError('ERR_USAGE', '--resume needs a source of known size that can be read at any offset', { endpoint: src.name });
     let content = '';
     try {
-      content = await fsp.readFile(file, 'utf8');
+      // a glance at the head first: a mistyped path to an image is not read whole
+      const fh = await fsp.open(file, 'r');
+      try {
+        const head = Buffer.alloc(RESUME_MAGIC.length);
+        const { bytesRead } = await fh.read(head, 0, head.length, 0);
+        content = head.subarray(0, bytesRead).toString('latin1');
+      } finally {
+        await fh.close();
+      }
+      if (content.startsWith(RESUME_MAGIC)) content = await fsp.readFile(file, 'utf8');
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw ioError('read', err, file);
     }
