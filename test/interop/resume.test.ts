@@ -84,6 +84,41 @@ describe('--resume', () => {
     expect(ok(await run(['compare', src.uri, out], { timeoutMs: 60_000 }))).toBe('Images are identical.\n');
   }, 90_000);
 
+  it('records what was written when the source server goes away, and the rerun against a new server copies the rest', async () => {
+    const ranges = 4;
+    const data = Array.from({ length: ranges }, (_, r) => `@${r * WR + 64 * KiB} ${r + 1} 2 3 4 5`).join(' ');
+    const args = [`data=${data}`, `size=${ranges * WR}`];
+    const slow = await kit('data', [...args, 'rdelay=1'], { filters: ['delay'] });
+    const out = path.join(dir, 'c.img');
+    const state = path.join(dir, 'c.state');
+    const copying = run(['-R', '1', '-C', '1', `--resume=${state}`, slow.uri, out], { timeoutMs: 60_000 });
+    const until = Date.now() + 30_000;
+    while (recorded(state) < 1 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    const before = recorded(state);
+    expect(before).toBeGreaterThanOrEqual(1);
+    slow.proc!.kill('SIGKILL');
+    const r = await copying;
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^nbdstream: [^\n]+\n$/);
+    // the ranges written before the failure were flushed and recorded on the way out
+    const k = recorded(state);
+    expect(k).toBeGreaterThanOrEqual(before);
+    expect(k).toBeLessThan(ranges);
+
+    // the server back on the same socket (the same URI), without the delay
+    fs.rmSync(slow.socket, { force: true });
+    const pidFile = path.join(dir, 'c.pid');
+    const again = spawn('nbdkit', ['-f', '-U', slow.socket, '-P', pidFile, 'data', ...args], { stdio: 'ignore' });
+    try {
+      while (!fs.existsSync(pidFile) || fs.readFileSync(pidFile, 'utf8') === '') await new Promise((r) => setTimeout(r, 20));
+      const summary = JSON.parse(ok(await run([`--resume=${state}`, '--summary=json', slow.uri, out])));
+      expect(summary.bytes_read).toBe((ranges - k) * 256 * KiB);
+      expect(ok(await run(['compare', slow.uri, out]))).toBe('Images are identical.\n');
+    } finally {
+      again.kill('SIGTERM');
+    }
+  }, 60_000);
+
   it('refuses a state file for another destination, source size or source mtime, then resumes once the source is back', async () => {
     const src = path.join(dir, 'b.img');
     const fd = fs.openSync(src, 'w');
