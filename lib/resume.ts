@@ -13,9 +13,9 @@
  * The header names the source and target so a rerun against anything else is refused.
  */
 import * as fs from 'node:fs';
-import * as fsp from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
-import { nodeCrypto } from './builtins.js';
+import { nodeCrypto, nodeFsPromises } from './builtins.js';
 import { NbdStreamError } from './errors.js';
 import { WORK_RANGE } from './extents.js';
 import type { Endpoint } from './endpoints/endpoint.js';
@@ -143,19 +143,19 @@ export function checkSame(was: ResumeHeader, now: ResumeHeader, only: 'source' |
 /** Replace `file` with `data` durably (temporary file, fsync, rename, fsync of the directory). */
 async function replaceFile(file: string, data: string): Promise<void> {
   const tmp = `${file}.tmp`;
-  const fh = await fsp.open(tmp, 'w', 0o644);
+  const fh = await nodeFsPromises().open(tmp, 'w', 0o644);
   try {
     await fh.writeFile(data);
     await fh.sync();
   } finally {
     await fh.close();
   }
-  await fsp.rename(tmp, file);
+  await nodeFsPromises().rename(tmp, file);
   await syncDir(path.dirname(file));
 }
 
 async function syncDir(dir: string): Promise<void> {
-  const fh = await fsp.open(dir, 'r');
+  const fh = await nodeFsPromises().open(dir, 'r');
   try {
     await fh.sync();
   } finally {
@@ -176,7 +176,7 @@ export class ResumeState {
   /** Work range starts recorded as done (by an earlier run, and by this one as it goes). */
   readonly done = new Set<number>();
   private header: ResumeHeader | undefined;
-  private fh: fsp.FileHandle | undefined;
+  private fh: FileHandle | undefined;
 
   private constructor(
     readonly file: string,
@@ -197,7 +197,7 @@ export class ResumeState {
     let content = '';
     try {
       // a glance at the head first: a mistyped path to an image is not read whole
-      const fh = await fsp.open(file, 'r');
+      const fh = await nodeFsPromises().open(file, 'r');
       try {
         const head = Buffer.alloc(RESUME_MAGIC.length);
         const { bytesRead } = await fh.read(head, 0, head.length, 0);
@@ -205,7 +205,7 @@ export class ResumeState {
       } finally {
         await fh.close();
       }
-      if (content.startsWith(RESUME_MAGIC)) content = await fsp.readFile(file, 'utf8');
+      if (content.startsWith(RESUME_MAGIC)) content = await nodeFsPromises().readFile(file, 'utf8');
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw ioError('read', err, file);
     }
@@ -238,7 +238,7 @@ export class ResumeState {
     const records = encodeHeader(this.header) + this.encodeRanges([...this.done].sort((a, b) => a - b));
     try {
       await replaceFile(this.file, records);
-      this.fh = await fsp.open(this.file, 'a');
+      this.fh = await nodeFsPromises().open(this.file, 'a');
     } catch (err) {
       throw ioError('write', err, this.file);
     }
@@ -278,7 +278,7 @@ export class ResumeState {
   /** The copy is complete: the state file goes. */
   async remove(): Promise<void> {
     await this.close();
-    await fsp.rm(this.file, { force: true });
+    await nodeFsPromises().rm(this.file, { force: true });
   }
 }
 

@@ -4,6 +4,8 @@ import * as path from 'node:path';
 import { RESUME_MAGIC, ResumeState, checkSame, decodeState, encodeDone, encodeHeader, encodeRecord, type ResumeHeader } from '../../lib/resume.js';
 import { dirPerFile } from '../helpers/fixtures.js';
 import type { Endpoint } from '../../lib/endpoints/endpoint.js';
+import { ExtentSource } from '../../lib/streams/extent-source.js';
+import { Sink } from '../../lib/streams/sink.js';
 
 const WR = 128 * 1024 * 1024;
 const header: ResumeHeader = { source: 'nbd://a/x', sourceSize: 3 * WR + 5, target: 'out.img', targetSize: 3 * WR + 5, targetId: 'file 1:2' };
@@ -87,5 +89,77 @@ describe('ResumeState on a real file', () => {
     const s = await ResumeState.open(file, ep('nbd://a/x', 3 * WR + 5));
     await expect(s.begin(ep('nbd://a/x', 3 * WR + 5), ep('other.img', 3 * WR + 5))).rejects.toThrow("the destination's name is other.img, the state file says out.img");
     expect(fs.readFileSync(file, 'utf8')).toBe(encodeHeader(header));
+  });
+});
+
+describe('the pipeline parts --resume uses', () => {
+  const caps = { canExtents: true, canZero: true, canFastZero: false, canTrim: false, canFlush: true, canMultiConn: false, preferredBlockSize: 4096, maxRequest: 32 * 1024 * 1024, isZeroInitialised: false, seekable: true, readOnly: false };
+
+  it('ExtentSource: a skipped work range asks no extents and yields no chunks; a zero run ends before it', async () => {
+    const size = 4 * WR + 5;
+    const asked: number[] = [];
+    // data in the first 4 KiB of each work range, zeroes elsewhere
+    const src = {
+      name: 's',
+      size,
+      capabilities: caps,
+      async extents(offset: number, length: number) {
+        asked.push(offset);
+        const out = [];
+        for (let o = offset; o < offset + length; ) {
+          const ws = o - (o % WR);
+          if (o < ws + 4096) out.push({ offset: o, length: ws + 4096 - o, zero: false });
+          else out.push({ offset: o, length: Math.min(ws + WR, size) - o, zero: true });
+          o = out[out.length - 1].offset + out[out.length - 1].length;
+          if (out.length > 1) break;
+        }
+        return out;
+      },
+      async read(_o: number, length: number) {
+        return { data: Buffer.alloc(length, 1) };
+      },
+    } as unknown as Endpoint;
+    const chunks: string[] = [];
+    const source = new ExtentSource(src, { requestSize: 256 * 1024, skip: (ws) => ws === WR || ws === 2 * WR });
+    for await (const c of source) {
+      chunks.push(`${c.kind} ${c.offset}+${c.length}`);
+      c.release?.();
+    }
+    expect(chunks).toEqual([`data 0+${256 * 1024}`, `zero ${256 * 1024}+${WR - 256 * 1024}`, `data ${3 * WR}+${256 * 1024}`, `zero ${3 * WR + 256 * 1024}+${WR - 256 * 1024}`, `data ${4 * WR}+5`]);
+    expect(asked.some((o) => o >= WR && o < 3 * WR)).toBe(false);
+  });
+
+  it('Sink.written: every chunk starting below it has completed, in arrival order; Infinity at the end', async () => {
+    const pending: Array<() => void> = [];
+    const dst = {
+      name: 't',
+      size: 3 * WR,
+      capabilities: { ...caps, wholeWrites: true },
+      write: () => new Promise<void>((r) => pending.push(r)),
+      zero: () => new Promise<void>((r) => pending.push(r)),
+      flush: async () => undefined,
+    } as unknown as Endpoint;
+    const sink = new Sink(dst, { requestSize: 256 * 1024 });
+    const data = Buffer.alloc(4096, 1);
+    const settle = () => new Promise((r) => setImmediate(r));
+    sink.write({ offset: 0, length: 4096, kind: 'data', data });
+    sink.write({ offset: 4096, length: WR - 4096, kind: 'zero' });
+    sink.write({ offset: 2 * WR, length: 4096, kind: 'data', data });
+    await settle();
+    expect(pending).toHaveLength(3);
+    expect(sink.written).toBe(0);
+    pending[1]();
+    await settle();
+    expect(sink.written).toBe(0); // the first write is still in flight
+    pending[0]();
+    await settle();
+    expect(sink.written).toBe(WR);
+    pending[2]();
+    await settle();
+    expect(sink.written).toBe(2 * WR + 4096);
+    const finished = new Promise((r) => sink.on('finish', r));
+    sink.end();
+    await finished;
+    expect(sink.written).toBe(Infinity);
   });
 });
