@@ -98,6 +98,7 @@ const OPTIONS = {
   progress: { type: 'string', describe: 'Progress bar on stderr (-p), "N/100" lines to FD (--progress=FD), or JSON lines on stderr or FD (--progress=json[:FD])' },
   'queue-size': { type: 'string', value: 'size', describe: 'Bytes of read buffers held, from the read until written (default 32M)' },
   'request-size': { type: 'string', value: 'size', describe: 'Request size, a power of two 4K-32M (default 256K)' },
+  resume: { type: 'string', describe: 'Record the ranges copied in STATEFILE; rerun with it after an interruption to copy only the rest (removed when the copy succeeds)' },
   requests: { alias: 'R', type: 'string', value: 'number', describe: 'Requests in flight per connection (default 64)' },
   sparse: { alias: 'S', type: 'string', value: 'size', describe: 'Detect zero blocks of this size (default 4096, 0 = off)' },
   summary: { type: 'string', describe: 'Print the final summary as a JSON object on stdout (--summary=json)' },
@@ -222,6 +223,7 @@ async function main(): Promise<void> {
     if (argv['no-extents']) fail('--dirty-bitmap needs extent information: drop --no-extents');
     if (blkhash || verify) fail('--dirty-bitmap copies part of the image: --blkhash and --verify need all of it');
   }
+  if (argv.resume === '') fail('--resume: expected a state file name');
   if (dst === '-') {
     // stdout carries the image: nothing else may be printed there
     if (blkhash && blkhashFile === undefined) fail('--blkhash: the destination is stdout; write the digest with --blkhash-file=FILE');
@@ -248,6 +250,7 @@ async function main(): Promise<void> {
     dirtyBitmap,
     format: argv.format,
     targetFormat: argv['target-format'],
+    resume: argv.resume,
   };
   if (options.format === '' || options.targetFormat === '') fail(`--${options.format === '' ? 'format' : 'target-format'}: expected a format name such as qcow2`);
   if (options.sparse !== undefined && options.sparse !== 0 && (options.sparse < 512 || !Number.isInteger(Math.log2(options.sparse))))
@@ -304,7 +307,7 @@ async function main(): Promise<void> {
   if (verbose) {
     const s = summary;
     process.stderr.write(
-      `nbdstream: copied ${s.size} bytes in ${s.elapsed.toFixed(3)} s: read ${s.bytesRead}, written ${s.bytesWritten}, zeroed ${s.bytesZeroed}, skipped ${s.bytesSkipped}; requests read=${s.requests.read} write=${s.requests.write} zero=${s.requests.zero} extents=${s.requests.extents}${s.extentErrors ? `; ${s.extentErrors} extent queries failed (copied as data)` : ''}${s.blkhash ? `; blkhash ${s.blkhash.algorithm}/${s.blkhash.blockSize} ${s.blkhash.digest}` : ''}${s.verified ? '; verified' : ''}\n`,
+      `nbdstream: copied ${s.size} bytes in ${s.elapsed.toFixed(3)} s: read ${s.bytesRead}, written ${s.bytesWritten}, zeroed ${s.bytesZeroed}, skipped ${s.bytesSkipped}; requests read=${s.requests.read} write=${s.requests.write} zero=${s.requests.zero} extents=${s.requests.extents}${s.extentErrors ? `; ${s.extentErrors} extent queries failed (copied as data)` : ''}${s.bytesResumed !== undefined ? `; resumed: skipped ${s.bytesResumed} bytes copied before` : ''}${s.blkhash ? `; blkhash ${s.blkhash.algorithm}/${s.blkhash.blockSize} ${s.blkhash.digest}` : ''}${s.verified ? '; verified' : ''}\n`,
     );
   }
   if (blkhash && summary.blkhash) {
@@ -331,6 +334,7 @@ function summaryObject(s: CopySummary, source: string, destination: string): Rec
     bytes_written: s.bytesWritten,
     bytes_zeroed: s.bytesZeroed,
     bytes_skipped: s.bytesSkipped,
+    ...(s.bytesResumed !== undefined && { bytes_resumed: s.bytesResumed }),
     requests: { ...s.requests },
     extent_errors: s.extentErrors,
     elapsed_s: Math.round(s.elapsed * 1000) / 1000,

@@ -275,25 +275,44 @@ export function blkhashBuffer(data: Buffer, options: BlkhashOptions | string = {
 // ---------------------------------------------------------------- streams
 
 /**
+ * Hashes a range the copy pipeline leaves out (--resume: work ranges an earlier run copied):
+ * feeds [from, to) to the hasher, e.g. by reading the target there (hashInto with `skip`).
+ */
+export type HashGapFill = (hasher: BlockHasher, from: number, to: number) => Promise<void>;
+
+/**
  * A pass-through Transform for the copy pipeline: hashes every chunk (in offset order) and
- * passes it on unchanged. It neither keeps nor releases chunk buffers.
+ * passes it on unchanged. It neither keeps nor releases chunk buffers. With `gaps`, ranges
+ * without chunks (before a chunk, and up to `gaps.size` at the end) are hashed by `gaps.fill`.
  */
 export class BlkhashStream extends Transform {
   readonly hasher: BlockHasher;
+  private readonly gaps: { size: number; fill: HashGapFill } | undefined;
 
-  constructor(options: BlkhashOptions | string = {}, queueSize = 16 * 1024 * 1024) {
+  constructor(options: BlkhashOptions | string = {}, queueSize = 16 * 1024 * 1024, gaps?: { size: number; fill: HashGapFill }) {
     // a small buffer between stages, as ZeroDetect: the source's in-flight limits bound memory
     super({ highWaterMark: Math.min(queueSize, STAGE_BUFFER), byteLength: (c) => chunkBytes(c as Chunk) });
     this.hasher = new BlockHasher(options);
+    this.gaps = gaps;
   }
 
   override _transform(data: unknown, cb: (err: Error | null, out?: unknown) => void): void {
-    try {
-      this.hasher.chunk(data as Chunk);
-    } catch (err) {
-      return cb(err as Error);
-    }
-    cb(null, data);
+    const c = data as Chunk;
+    const hash = () => {
+      try {
+        this.hasher.chunk(c);
+      } catch (err) {
+        return cb(err as Error);
+      }
+      cb(null, c);
+    };
+    if (this.gaps && c.offset > this.hasher.length) this.gaps.fill(this.hasher, this.hasher.length, c.offset).then(hash, cb);
+    else hash();
+  }
+
+  override _flush(cb: (err: Error | null) => void): void {
+    if (!this.gaps || this.hasher.length >= this.gaps.size) return cb(null);
+    this.gaps.fill(this.hasher, this.hasher.length, this.gaps.size).then(() => cb(null), cb);
   }
 }
 
@@ -312,7 +331,16 @@ export interface HashEndpointOptions extends BlkhashOptions {
 /** blkhash of an open endpoint, reading only what its extents say is data. */
 export async function hashEndpoint(ep: Endpoint, options: HashEndpointOptions = {}): Promise<BlkhashResult> {
   const hasher = new BlockHasher(options);
-  const source = new ExtentSource(ep, { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, extents: options.extents, signal: options.signal });
+  await hashInto(hasher, ep, options);
+  return { ...hasher.spec, digest: hasher.digest() };
+}
+
+/**
+ * Feed an endpoint to `hasher` (which must have had everything before the first range read),
+ * reading only what its extents say is data; `skip` leaves work ranges out (ExtentSource).
+ */
+export async function hashInto(hasher: BlockHasher, ep: Endpoint, options: Omit<HashEndpointOptions, keyof BlkhashOptions> & { skip?: (workRangeStart: number) => boolean } = {}): Promise<void> {
+  const source = new ExtentSource(ep, { requestSize: options.requestSize, requests: options.requests, queueSize: options.queueSize, extents: options.extents, skip: options.skip, signal: options.signal });
   const onProgress = options.onProgress;
   const sink = new Writable({
     highWaterMark: Math.min(options.queueSize ?? STAGE_BUFFER, STAGE_BUFFER),
@@ -331,5 +359,4 @@ export async function hashEndpoint(ep: Endpoint, options: HashEndpointOptions = 
     },
   });
   await pipelinePromise(source, sink);
-  return { ...hasher.spec, digest: hasher.digest() };
 }

@@ -3,7 +3,8 @@
  * ExtentSource -> ZeroDetect -> Sink, and resolve with a summary. Endpoints given as specs are
  * opened and closed here; Endpoint objects passed in are left open. With `blkhash` (or `verify`)
  * a BlkhashStream between the source and ZeroDetect hashes the source on the way; `verify`
- * re-reads the target afterwards and checks it against that digest.
+ * re-reads the target afterwards and checks it against that digest. With `resume`, a state file
+ * (lib/resume.ts) records the work ranges written and flushed, and a rerun skips them.
  *
  * Cancellation: when `signal` aborts, no further request is issued, the endpoints copy() opened
  * are closed (after the replies in flight, as NBD wants), and the promise rejects with an
@@ -18,9 +19,11 @@ import { DEFAULT_QUEUE_SIZE, DEFAULT_READ_SIZE, DEFAULT_REQUEST_SIZE, ExtentSour
 import { Sink } from './streams/sink.js';
 import { newStats, type CopyStats } from './streams/stats.js';
 import { ZeroDetect } from './streams/zero-detect.js';
-import { BlkhashStream, blkhashSpec, type BlkhashOptions, type BlkhashResult } from './blkhash.js';
+import { BlkhashStream, BlockHasher, blkhashSpec, hashInto, type BlkhashOptions, type BlkhashResult } from './blkhash.js';
 import { ProgressTracker, type CopyProgress } from './progress.js';
 import { checkVerifiable, verifyCopy } from './verify.js';
+import { ResumeRecorder, ResumeState } from './resume.js';
+import { endpointView } from './compare.js';
 
 export interface CopyOptions {
   /**
@@ -85,6 +88,14 @@ export interface CopyOptions {
    */
   verify?: boolean;
   /**
+   * A state file (--resume): the work ranges written and flushed to the target are recorded there
+   * every few seconds; run again with it after an interruption, the copy skips them (the target
+   * is then kept as it is, not truncated) and copies the rest. Refused when the file is for
+   * another source or target; removed when the copy succeeds. With blkhash/verify the skipped
+   * ranges are hashed by reading the target.
+   */
+  resume?: string;
+  /**
    * Progress: bytes done of total (total undefined for sources of unknown size), and the full
    * report (phase, rates, counters) — called as work completes, ending with phase "done".
    */
@@ -132,6 +143,7 @@ export const COPY_OPTIONS: Readonly<Record<keyof CopyOptions, true>> = {
   onProgress: true,
   onOpen: true,
   signal: true,
+  resume: true,
 };
 
 export interface CopySummary extends CopyStats {
@@ -141,6 +153,8 @@ export interface CopySummary extends CopyStats {
   blkhash?: BlkhashResult;
   /** True when verify was asked and the target read back as the source. */
   verified?: boolean;
+  /** With resume: bytes of the source an earlier run had copied, skipped by this one. */
+  bytesResumed?: number;
 }
 
 const MAX_REQUEST_SIZE = 32 * 1024 * 1024;
@@ -174,22 +188,27 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
   const opened: Endpoint[] = [];
   // an endpoint opened after an abort is closed as soon as it is there
   const open = (spec: EndpointSpec, mode: 'source' | 'target', o: OpenOptions) => untilAborted(openEndpoint(spec, mode, o), signal, (late) => void late.close().catch(() => undefined));
+  let state: ResumeState | undefined;
+  let recorder: ResumeRecorder | undefined;
   try {
     const s = isEndpoint(src)
       ? src
       : await open(src, 'source', { ...openOpts, pipeFormat: options.sourcePipeFormat, dirtyBitmap: options.dirtyBitmap, zeroBlockSize: sparse, format: options.format });
     if (!isEndpoint(src)) opened.push(s);
+    // an earlier run's state file is checked against the source before the target is opened
+    if (options.resume !== undefined) state = await ResumeState.open(options.resume, s);
     // a partial source (dirty bitmap, incremental extent stream) updates the target in place
     // a target that is the source's file or device is refused as it opens, before it is truncated
     const d = isEndpoint(dst)
       ? dst
-      : await open(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial, sourceIdentity: s.identity, format: options.targetFormat });
+      : await open(dst, 'target', { ...openOpts, pipeFormat: options.pipeFormat, sourceSize: s.size, update: s.capabilities.partial || state?.resuming, sourceIdentity: s.identity, format: options.targetFormat });
     if (!isEndpoint(dst)) opened.push(d);
     checkNotSource(d.name, d.identity, s.identity);
     if (d.capabilities.readOnly) throw new NbdStreamError('ERR_UNSUPPORTED', 'target is read-only', { endpoint: d.name });
     if (s.size !== undefined && d.size !== undefined && d.size < s.size)
       throw new NbdStreamError('ERR_TARGET_TOO_SMALL', `target is smaller than the source (${d.size} < ${s.size} bytes)`, { endpoint: d.name });
     if (options.verify) checkVerifiable(s, d);
+    await state?.begin(s, d);
     // the endpoints' block sizes (CopySizes)
     requestSize = Math.min(MAX_REQUEST_SIZE, Math.max(requestSize, s.capabilities.preferredBlockSize, d.capabilities.preferredBlockSize));
     queueSize = Math.max(queueSize, requestSize);
@@ -201,12 +220,16 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     // --queue-size bounds the copy's read buffers from the read until the sink has written
     // them (reads in flight, data on its way, writes in flight): a fast target leaves it all
     // to reads, a slow one holds more in writes
-    const source = new ExtentSource(s, { requestSize, readSize: DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats, signal });
+    const resumed = state?.resumedBytes;
+    const done = state && new Set(state.done); // the earlier run's ranges
+    const source = new ExtentSource(s, { requestSize, readSize: DEFAULT_READ_SIZE, requests, queueSize, extents: !options.noExtents, stats, signal, skip: done && ((ws) => done.has(ws)) });
     const total = s.size;
     const onProgress = options.onProgress;
     const tracker = onProgress ? new ProgressTracker(stats, total, options.verify ?? false, (p) => onProgress(p.bytes_done, p.bytes_total ?? undefined, p)) : undefined;
     tracker?.copied(0);
-    const hash = hashSpec ? new BlkhashStream(hashSpec, queueSize) : undefined;
+    // ranges a resumed copy skips are hashed from the target
+    const gaps = state && { size: total!, fill: (h: BlockHasher, from: number, to: number) => hashInto(h, endpointView(d, total!), { requestSize, requests, queueSize, skip: (ws) => ws < from || ws >= to }) };
+    const hash = hashSpec ? new BlkhashStream(hashSpec, queueSize, gaps) : undefined;
     const sink = new Sink(d, {
       requestSize,
       requests,
@@ -216,10 +239,13 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
       flush: options.flush,
       stats,
       onProgress: tracker ? (done) => tracker.copied(done) : undefined,
+      done: resumed,
     });
+    if (state) recorder = new ResumeRecorder(state, d, () => sink.written);
     if (hash) await pipelinePromise(source, hash, new ZeroDetect(sparse, queueSize, requestSize), sink);
     else await pipelinePromise(source, new ZeroDetect(sparse, queueSize, requestSize), sink);
     throwIfAborted(signal); // aborted while the target was finishing: not reported as done
+    await recorder?.stop(true);
     const size = s.size ?? stats.bytesRead;
     const blkhash = hash ? { ...hash.hasher.spec, digest: hash.hasher.digest() } : undefined;
     let verified: boolean | undefined;
@@ -232,14 +258,20 @@ export async function copy(src: EndpointSpec | Endpoint, dst: EndpointSpec | End
     // close before reporting success: a failure to close (e.g. lost writes) is a failure
     const toClose = opened.splice(0);
     for (const ep of toClose) await ep.close();
+    await state?.remove();
     tracker?.finish(size);
-    return { ...stats, size, elapsed, ...(blkhash && { blkhash }), ...(verified !== undefined && { verified }) };
+    return { ...stats, size, elapsed, ...(blkhash && { blkhash }), ...(verified !== undefined && { verified }), ...(resumed !== undefined && { bytesResumed: resumed }) };
   } catch (err) {
+    // record what was written before the failure (best effort: the target may be gone)
+    await recorder?.stop(true).catch(() => undefined);
+    // a target that does not verify is copied again in full next time
+    if (state && err instanceof NbdStreamError && err.code === 'ERR_VERIFY') await state.remove().catch(() => undefined);
     // after an abort, whatever failed on the way out (a stream torn down, a closed endpoint) is the abort
     if (signal?.aborted) throw abortError(signal);
     if (err instanceof TypeError) throw err; // a caller's mistake (an unknown option ...), as thrown
     throw asNbdStreamError(err, 'ERR_IO');
   } finally {
+    await state?.close().catch(() => undefined);
     await Promise.allSettled(opened.map((ep) => ep.close()));
   }
 }

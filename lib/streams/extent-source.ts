@@ -14,7 +14,9 @@
  * never releases still progresses, slowly. Chunks are emitted in order.
  *
  * Runs marked `skip` (clean in a dirty bitmap) produce no chunks at all: pieces are cut at their
- * edges, pending runs end before them, and the target is left alone there. A source that
+ * edges, pending runs end before them, and the target is left alone there. So are whole work
+ * ranges for which `skip` says so (--resume: copied by an earlier run; no extents are asked
+ * there). A source that
  * provides `chunks()` (an extent-format pipe) is not planned at all: its chunks are forwarded in
  * order as they arrive.
  *
@@ -44,6 +46,8 @@ export interface ExtentSourceOptions {
   readSize?: number;
   /** Use extent information (default true); false reads everything (--no-extents). */
   extents?: boolean;
+  /** Work ranges (by their start) to leave out entirely, as skipped runs. */
+  skip?: (workRangeStart: number) => boolean;
   stats?: CopyStats;
   /** Aborting it destroys the stream with an AbortError and starts no further request. */
   signal?: AbortSignal;
@@ -78,6 +82,7 @@ export class ExtentSource extends Readable {
   private readonly maxRequests: number;
   private readonly queueSize: number;
   private readonly useExtents: boolean;
+  private readonly skip: ((workRangeStart: number) => boolean) | undefined;
   private readonly plan: AsyncGenerator<Piece>;
   private planDone = false;
   /** Reads in offset order; `chunks` is set when the read has completed. */
@@ -108,6 +113,7 @@ export class ExtentSource extends Readable {
     this.queueSize = queueSize;
     this.useExtents = (options.extents ?? true) && src.capabilities.canExtents;
     this.stats = options.stats ?? newStats();
+    this.skip = options.skip;
     this.plan = src.chunks ? this.planChunks(src.chunks()) : src.size === undefined ? this.planStream() : this.planRanges(src.size);
     this.readSize = src.size === undefined ? this.requestSize : Math.max(this.requestSize, Math.min(options.readSize ?? (options.requestSize ?? DEFAULT_READ_SIZE), src.capabilities.maxRequest, this.queueSize));
     this.pool = new BufferPool(this.readSize);
@@ -126,7 +132,8 @@ export class ExtentSource extends Readable {
     for (let ws = 0; ws < size; ws += WORK_RANGE) {
       const we = Math.min(ws + WORK_RANGE, size);
       let runs: ExtentRun[] = [{ offset: ws, length: we - ws, zero: false }];
-      if (this.useExtents) {
+      if (this.skip?.(ws)) runs = [{ offset: ws, length: we - ws, zero: false, skip: true }];
+      else if (this.useExtents) {
         try {
           runs = await map.get(ws, we - ws);
         } catch {
@@ -197,7 +204,9 @@ export class ExtentSource extends Readable {
       if (dataStart >= 0) yield { kind: 'data', offset: dataStart, length: dataEnd - dataStart };
       // whole work ranges inside a known zero run join the pending zero run without a walk each
       if (zeroStart >= 0 && zeroEnd === we) {
-        const skipTo = Math.min(size, we + Math.floor((map.zeroUntil(we) - we) / WORK_RANGE) * WORK_RANGE);
+        let skipTo = Math.min(size, we + Math.floor((map.zeroUntil(we) - we) / WORK_RANGE) * WORK_RANGE);
+        // (not over a work range left out: the zero run ends before it)
+        if (this.skip) for (let w = we; w < skipTo; w += WORK_RANGE) if (this.skip(w)) skipTo = w;
         if (skipTo > we) {
           zeroEnd = skipTo;
           ws = skipTo - WORK_RANGE;

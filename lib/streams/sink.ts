@@ -3,7 +3,8 @@
  * into zero requests — or into nothing when the target is known to be zero. Several requests are
  * in flight (bounded by count and bytes); the first failure destroys the stream, and the sink
  * finishes only after every request has completed (then calls the target's finish(), if it has
- * one, and flushes, if asked).
+ * one, and flushes, if asked). `written` is a watermark for --resume: every chunk that starts below
+ * it has been written (chunks arrive in offset order, so nothing more will come below it).
  */
 import { Writable } from 'streamx';
 import { WORK_RANGE, type Chunk } from '../extents.js';
@@ -27,6 +28,8 @@ export interface SinkOptions {
   stats?: CopyStats;
   /** Called as chunks complete with the bytes of the source covered so far. */
   onProgress?: (bytesDone: number) => void;
+  /** Bytes counted as done before the first chunk (ranges an earlier run copied, --resume). */
+  done?: number;
 }
 
 export class Sink extends Writable {
@@ -45,6 +48,10 @@ export class Sink extends Writable {
   private blocked: ((err: Error | null) => void) | undefined;
   private idle: (() => void) | undefined;
   private failure: Error | undefined;
+  /** Chunks in arrival (offset) order until the ones before them completed; see `written`. */
+  private readonly order: Array<{ end: number; complete: boolean }> = [];
+  /** Every chunk starting below this has been written; Infinity once all have. */
+  written = 0;
 
   constructor(dst: Endpoint, options: SinkOptions = {}) {
     const queueSize = options.queueSize ?? DEFAULT_QUEUE_SIZE;
@@ -58,12 +65,27 @@ export class Sink extends Writable {
     this.doFlush = options.flush ?? false;
     this.stats = options.stats ?? newStats();
     this.onProgress = options.onProgress;
+    this.done = options.done ?? 0;
+  }
+
+  /** A chunk arrived: the chunks before it have completed if none waits in `order`. */
+  private arrived(c: Chunk): { end: number; complete: boolean } {
+    const entry = { end: c.offset + c.length, complete: false };
+    if (this.order.length === 0) this.written = c.offset;
+    this.order.push(entry);
+    return entry;
+  }
+
+  private completed(entry: { end: number; complete: boolean }): void {
+    entry.complete = true;
+    while (this.order.length && this.order[0].complete) this.written = this.order.shift()!.end;
   }
 
   override _write(data: unknown, cb: (err: Error | null) => void): void {
     if (this.failure) return cb(this.failure);
     const c = data as Chunk;
     const stats = this.stats;
+    const entry = this.arrived(c);
     let op: Promise<void>;
     let bytes = 0;
     if (c.kind === 'data') {
@@ -73,6 +95,7 @@ export class Sink extends Writable {
       });
     } else if (this.skipZeroes) {
       stats.bytesSkipped += c.length;
+      this.completed(entry);
       this.progress(c.length);
       return cb(null);
     } else {
@@ -87,6 +110,7 @@ export class Sink extends Writable {
         c.release?.();
         this.inFlight--;
         this.inFlightBytes -= bytes;
+        this.completed(entry);
         this.progress(c.length);
         this.release();
       },
@@ -159,6 +183,7 @@ export class Sink extends Writable {
   override _final(cb: (err: Error | null) => void): void {
     const finish = () => {
       if (this.failure) return cb(this.failure);
+      this.written = Infinity;
       // every request succeeded: a stream target writes its trailer (END) now, and only now
       const dst = this.dst;
       if (!dst.finish && !this.doFlush) return cb(null);

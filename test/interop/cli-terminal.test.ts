@@ -102,6 +102,7 @@ describe('--help fits the terminal', () => {
       '-p, --progress': 'string',
       '--queue-size': 'size',
       '--request-size': 'size',
+      '--resume': 'string',
       '-R, --requests': 'number',
       '-S, --sparse': 'size',
       '--summary': 'string',
