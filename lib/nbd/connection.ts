@@ -259,12 +259,12 @@ export class NbdConnection implements ReplyHandler {
   private startNativeReader(raw: net.Socket): void {
     const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (!native?.readerStart || process.env.NBDSTREAM_NATIVE_READER === '0' || typeof fd !== 'number' || fd < 0 || this.failure) return;
-    // the thread parses only 16/20-byte reply headers: with extended headers libuv receives
-    // (still straight into the request buffers; only the reader's -S zero check is lost)
-    if (this.info.extendedHeaders) return;
     raw.pause();
-    this.nativeReader = native.readerStart(fd, this.info.structuredReplies, (kind, cookie, offset, length, flags, raw) =>
-      this.onNativeEvent(kind, cookie, offset, length, flags, raw),
+    this.nativeReader = native.readerStart(
+      fd,
+      this.info.structuredReplies,
+      (kind, cookie, offset, length, flags, raw) => this.onNativeEvent(kind, cookie, offset, length, flags, raw),
+      this.info.extendedHeaders,
     );
     this.receiver = 'native';
   }

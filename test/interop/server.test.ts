@@ -558,12 +558,12 @@ function optionReplies(data: Buffer): Array<[number, number, string]> {
 }
 
 describe('misbehaving clients', () => {
-  it('unknown options get NBD_REP_ERR_UNSUP, TLS options without TLS are refused, ABORT is acknowledged', async () => {
+  it('unknown options get NBD_REP_ERR_UNSUP, options with data they do not take NBD_REP_ERR_INVALID, TLS options without TLS are refused, ABORT is acknowledged', async () => {
     const { socket } = await serve(new SparseMemoryEndpoint(MiB));
     const r = await talk(socket, [
       encodeClientFlags(3),
       encodeOption(99),
-      encodeOption(P.NBD_OPT_EXTENDED_HEADERS),
+      encodeOption(P.NBD_OPT_EXTENDED_HEADERS, Buffer.from('x')), // takes no data
       encodeOption(P.NBD_OPT_STARTTLS),
       encodeOption(P.NBD_OPT_LIST, Buffer.from('x')),
       encodeOption(P.NBD_OPT_SET_META_CONTEXT, Buffer.alloc(8)), // before STRUCTURED_REPLY
@@ -575,7 +575,7 @@ describe('misbehaving clients', () => {
     expect(r.data.subarray(0, 18).toString('hex')).toBe('4e42444d4147494349484156454f50540003');
     expect(optionReplies(r.data).map(([o, t]) => [o, P.optionReplyName(t)])).toEqual([
       [99, 'NBD_REP_ERR_UNSUP'],
-      [P.NBD_OPT_EXTENDED_HEADERS, 'NBD_REP_ERR_UNSUP'],
+      [P.NBD_OPT_EXTENDED_HEADERS, 'NBD_REP_ERR_INVALID'],
       [P.NBD_OPT_STARTTLS, 'NBD_REP_ERR_POLICY'],
       [P.NBD_OPT_LIST, 'NBD_REP_ERR_INVALID'],
       [P.NBD_OPT_SET_META_CONTEXT, 'NBD_REP_ERR_INVALID'],

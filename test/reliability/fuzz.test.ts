@@ -197,6 +197,7 @@ function validHandshake(): Buffer {
   bsz.writeUInt32BE(1 << 25, 10);
   return Buffer.concat([
     greeting,
+    rep(P.NBD_OPT_EXTENDED_HEADERS, P.NBD_REP_ERR_UNSUP, Buffer.alloc(0)), // as nbdkit 1.32 and qemu 7.2
     rep(P.NBD_OPT_STRUCTURED_REPLY, P.NBD_REP_ACK, Buffer.alloc(0)),
     rep(P.NBD_OPT_SET_META_CONTEXT, P.NBD_REP_META_CONTEXT, Buffer.concat([u32(1), Buffer.from('base:allocation')])),
     rep(P.NBD_OPT_SET_META_CONTEXT, P.NBD_REP_ACK, Buffer.alloc(0)),
