@@ -315,15 +315,7 @@ export class ReplyDecoder {
         const len = this.chunkLength - 8;
         if (req.type !== NBD_CMD_READ) return this.fail(`OFFSET_DATA chunk in reply to ${commandName(req.type)}`);
         if (len <= 0) return this.fail(`OFFSET_DATA chunk with length ${this.chunkLength}`);
-        const offset = readU64(s, 4);
-        if (offset < req.offset || offset + len > req.offset + req.length)
-          return this.fail(`OFFSET_DATA chunk ${offset}+${len} outside the request ${req.offset}+${req.length}`);
-        this.dataOffset = offset;
-        this.dest = req.dest!;
-        this.destPos = offset - req.offset;
-        this.destEnd = this.destPos + len;
-        this.state = S_DATA_PAYLOAD;
-        return;
+        return this.startData(readU64(s, 4), len);
       }
       case S_BODY:
         return this.bodyDone();
