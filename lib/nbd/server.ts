@@ -1150,10 +1150,12 @@ class Connection implements ServerDecoderHandler {
         return { id: c.id, desc };
       }),
     );
-    return chunks.map((c, i) => {
-      const flags = i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-      return { head: this.extended ? encodeBlockStatusExt(flags, req.cookie, req.offset, c.id, c.desc) : encodeBlockStatus(flags, req.cookie, c.id, c.desc) };
-    });
+    return chunks.map((c, i) => ({ head: this.statusChunk(i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0, req, c.id, c.desc) }));
+  }
+
+  /** A block status chunk: BLOCK_STATUS_EXT with extended headers, else BLOCK_STATUS. */
+  private statusChunk(flags: number, req: ClientRequest, id: number, desc: BlockDescriptor[]): Buffer {
+    return this.extended ? encodeBlockStatusExt(flags, req.cookie, req.offset, id, desc) : encodeBlockStatus(flags, req.cookie, id, desc);
   }
 
   /** Write a reply, applying any protocol violation asked for. */
@@ -1201,13 +1203,13 @@ class Connection implements ServerDecoderHandler {
         out = [{ head: encodeSimpleReply(cookie, 0), body: Buffer.alloc(length) }];
         break;
       case 'zero-length-extent':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id, [{ length: 0, flags: 0 }, { length, flags: 0 }]) }];
+        out = [{ head: this.statusChunk(NBD_REPLY_FLAG_DONE, req, id, [{ length: 0, flags: 0 }, { length, flags: 0 }]) }];
         break;
       case 'overlong-extent':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id, [{ length: Math.min(length + 4096, 0xffff_ffff), flags: 0 }, { length: 4096, flags: 0 }]) }];
+        out = [{ head: this.statusChunk(NBD_REPLY_FLAG_DONE, req, id, [{ length: Math.min(length + 4096, 0xffff_ffff), flags: 0 }, { length: 4096, flags: 0 }]) }];
         break;
       case 'unasked-context':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, unasked, [{ length, flags: 0 }]) }];
+        out = [{ head: this.statusChunk(NBD_REPLY_FLAG_DONE, req, unasked, [{ length, flags: 0 }]) }];
         break;
     }
     this.writeMessages(req, out);

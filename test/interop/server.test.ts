@@ -486,28 +486,33 @@ describe('fault injection', () => {
     expect(['ERR_CLOSED', 'ERR_PROTOCOL', 'ERR_CONNECT']).toContain(e.code);
   });
 
-  const violations: Array<[Violation, 'read' | 'status']> = [
-    ['wrong-cookie', 'read'],
-    ['bad-magic', 'read'],
-    ['oversized-payload', 'read'],
-    ['chunk-past-request', 'read'],
-    ['simple-after-structured', 'read'],
-    ['zero-length-extent', 'status'],
-    ['overlong-extent', 'status'],
-    ['unasked-context', 'status'],
-    ['wrong-cookie', 'status'],
+  // [violation, request, message, message with extended headers when it differs]
+  const violations: Array<[Violation, 'read' | 'status', string, string?]> = [
+    ['wrong-cookie', 'read', 'reply for unknown cookie 0x8000000000000002'],
+    ['bad-magic', 'read', 'bad reply magic 0xdeadbeef', 'reply magic 0xdeadbeef received after extended headers were negotiated'],
+    ['oversized-payload', 'read', 'structured reply chunk of 2147483632 bytes is too large'],
+    ['chunk-past-request', 'read', 'OFFSET_DATA chunk 1+8192 outside the request 0+8192'],
+    ['simple-after-structured', 'read', 'simple reply to NBD_CMD_READ after structured replies were negotiated', 'simple reply received after extended headers were negotiated'],
+    ['zero-length-extent', 'status', 'block status extent 0 at offset 0 has zero length'],
+    ['overlong-extent', 'status', 'block status extent 0 at offset 0 goes past the requested range'],
+    ['unasked-context', 'status', 'block status for context id 2, which was not asked for'],
+    ['wrong-cookie', 'status', 'reply for unknown cookie 0x8000000000000002'],
   ];
-  it.each(violations)('violation %s (%s): NbdClient fails with ERR_PROTOCOL, after violateAfter correct replies', async (violation, op) => {
+  it.each(violations)('violation %s (%s): NbdClient fails with ERR_PROTOCOL, after violateAfter correct replies, with extended headers and without', async (violation, op, message, extendedMessage) => {
     const { uri, server } = await serve(memoryWithData());
     server.faults = { violation, violateAfter: 1 };
-    const c = await connect(uri);
-    const call = () => (op === 'read' ? c.pread(0, 8192) : c.blockStatus(0, 8192));
-    await call(); // the first one is answered correctly
-    const e = await rejection(call());
-    expect(e.code).toBe('ERR_PROTOCOL');
-    expect(e.endpoint).toBe(uri);
-    // the connection is gone for good
-    expect((await rejection(c.pread(0, 1))).code).toBe('ERR_PROTOCOL');
+    for (const extendedHeaders of [true, false]) {
+      const c = await connect(uri, { extendedHeaders });
+      expect(c.extendedHeaders).toBe(extendedHeaders);
+      const call = () => (op === 'read' ? c.pread(0, 8192) : c.blockStatus(0, 8192));
+      await call(); // the first one is answered correctly
+      const e = await rejection(call());
+      expect(e.code).toBe('ERR_PROTOCOL');
+      expect(e.message).toBe(extendedHeaders ? (extendedMessage ?? message) : message);
+      expect(e.endpoint).toBe(uri);
+      // the connection is gone for good
+      expect((await rejection(c.pread(0, 1))).code).toBe('ERR_PROTOCOL');
+    }
   });
 
   it('violation truncated-header: part of a header, then the server hangs up', async () => {
