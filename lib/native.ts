@@ -43,6 +43,8 @@ export interface NativeOps {
     fd: number,
     structuredReplies: boolean,
     onEvent: (kind: number, cookie: number, offset: number, length: number, flags: number, raw: Buffer | undefined) => void,
+    /** Extended headers were negotiated: 32-byte reply headers. */
+    extendedHeaders?: boolean,
   ): SocketReader;
   /**
    * Before sending NBD_CMD_READ `cookie` at export `offset`: its payload goes into `buffer`. With

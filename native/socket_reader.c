@@ -26,7 +26,11 @@
  * as RAW: the JS decoder reports the violation. End of stream is event END (midReply = 1 when
  * it cuts a reply the thread was receiving); a socket error is event ERROR(-errno).
  *
- *   readerStart(fd, structured, onEvent) -> handle     fd is dup'ed: JS may close its own
+ * With extended headers (NBD_OPT_EXTENDED_HEADERS; readerStart's `extended`) every reply is a
+ * chunk with a 32-byte header (magic 0x6e8a278c, flags, type, cookie, request offset, 64-bit
+ * length): one_ext_reply() takes OFFSET_DATA chunks as above and hands the rest over as RAW.
+ *
+ *   readerStart(fd, structured, onEvent[, extended]) -> handle   fd is dup'ed: JS may close its own
  *   readerExpect(handle, cookie, buffer, offset[, N])  before sending the read; N: zero block size (-S)
  *   readerForget(handle, cookie)                       after the read's reply (idempotent)
  *   readerStop(handle)                                 stop and join; no events afterwards
@@ -57,6 +61,7 @@
 
 #define SIMPLE_MAGIC 0x67446698u
 #define STRUCTURED_MAGIC 0x668e33efu
+#define EXTENDED_MAGIC 0x6e8a278cu
 #define REPLY_TYPE_OFFSET_DATA 1
 #define REPLY_FLAG_DONE 1
 #define MAX_CHUNK_BODY (64u * 1024 * 1024)
@@ -94,6 +99,7 @@ typedef struct {
   int fd; /* our dup of the socket */
   int wakefd;
   int structured;
+  int extended; /* extended headers: 32-byte reply headers (one_ext_reply) */
   pthread_t thread;
   pthread_mutex_t mu;
   expect_t *expects;
@@ -383,10 +389,65 @@ static int one_reply(reader_t *r) {
   return ok;
 }
 
+/* One chunk with extended headers (32-byte header); returns as one_reply. */
+static int one_ext_reply(reader_t *r) {
+  uint8_t h[40];
+  size_t got;
+  int st = receive_exact(r, h, 32, &got);
+  if (st != RX_OK) return failed(r, st, h, got, 0);
+  uint32_t magic = be32(h);
+  uint32_t cookie_hi = be32(h + 8), cookie = be32(h + 12);
+  uint16_t flags = be16(h + 4), type = be16(h + 6);
+  uint64_t length = be64(h + 24);
+  expect_t e;
+  if (magic != EXTENDED_MAGIC || (type == REPLY_TYPE_OFFSET_DATA && (cookie_hi != 0 || !lookup(r, cookie, &e, 0))) || (type != REPLY_TYPE_OFFSET_DATA && length > MAX_CHUNK_BODY)) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, 32);
+    return -1;
+  }
+  if (type == REPLY_TYPE_OFFSET_DATA) {
+    st = receive_exact(r, h + 32, 8, &got);
+    if (st != RX_OK) return failed(r, st, h, 32 + got, 0);
+    uint64_t offset = be64(h + 32);
+    uint64_t len = length >= 8 ? length - 8 : 0;
+    if (len == 0 || offset < e.offset || offset - e.offset > e.length || len > e.length - (offset - e.offset)) {
+      emit(r, EV_RAW, 0, 0, 0, 0, h, 40);
+      return -1;
+    }
+    uint32_t ev_flags = flags;
+    runs_t zero = {0};
+    st = receive_payload(r, &e, offset, len, &ev_flags, &zero);
+    if (st != RX_OK) {
+      free(zero.v);
+      return failed(r, st, NULL, 0, 1);
+    }
+    if (flags & REPLY_FLAG_DONE) lookup(r, cookie, &e, 1);
+    int ok = emit(r, EV_DATA, cookie, offset, (int64_t)len, ev_flags, (const uint8_t *)zero.v, zero.n * sizeof(double));
+    free(zero.v);
+    return ok;
+  }
+  /* any other chunk: whole, to JS (one that ends a read's reply ends its registration, as in one_reply) */
+  if (flags & REPLY_FLAG_DONE && cookie_hi == 0) lookup(r, cookie, &e, 1);
+  uint8_t *chunk = malloc(32 + (size_t)length);
+  if (!chunk) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, 32);
+    return -1;
+  }
+  memcpy(chunk, h, 32);
+  st = receive_exact(r, chunk + 32, length, &got);
+  if (st != RX_OK) {
+    int ret = failed(r, st, chunk, 32 + got, 0);
+    free(chunk);
+    return ret;
+  }
+  int ok = emit(r, EV_RAW, 0, 0, 0, 0, chunk, 32 + (size_t)length);
+  free(chunk);
+  return ok;
+}
+
 static void *run(void *arg) {
   reader_t *r = arg;
   int st;
-  while ((st = one_reply(r)) > 0) {
+  while ((st = r->extended ? one_ext_reply(r) : one_reply(r)) > 0) {
   }
   if (st < 0 && flush(r)) raw_mode(r);
   flush(r);
@@ -453,10 +514,10 @@ static reader_t *reader_args(napi_env env, napi_callback_info info, size_t n, na
   return get_reader(env, argv[0]);
 }
 
-/* readerStart(fd, structured, onEvent) -> handle */
+/* readerStart(fd, structured, onEvent[, extended]) -> handle */
 static napi_value ReaderStart(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
+  size_t argc = 4;
+  napi_value argv[4];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t fd;
   bool structured;
@@ -466,12 +527,18 @@ static napi_value ReaderStart(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerStart(fd, structured, onEvent)");
     return NULL;
   }
+  bool extended = false;
+  if (argc >= 4 && napi_get_value_bool(env, argv[3], &extended) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "readerStart(fd, structured, onEvent, extended)");
+    return NULL;
+  }
   reader_t *r = calloc(1, sizeof *r);
   if (!r) {
     napi_throw_error(env, "ENOMEM", "readerStart: out of memory");
     return NULL;
   }
   r->structured = structured;
+  r->extended = extended;
   r->refs = 2;
   r->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   pthread_mutex_init(&r->mu, NULL);

@@ -36,6 +36,11 @@ export interface Capabilities {
    * chunk in one call instead of one per request-size piece.
    */
   wholeWrites?: boolean;
+  /**
+   * NBD extended headers are in use: a zero request may span more than 4 GiB, so the Sink zeroes
+   * a run of any length in one request instead of one per 128 MiB work range.
+   */
+  extendedHeaders?: boolean;
 }
 
 /**

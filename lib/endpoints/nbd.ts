@@ -43,6 +43,7 @@ export class NbdEndpoint implements Endpoint {
       seekable: true,
       readOnly: client.readOnly,
       ...(this.dirtyContext !== undefined && { partial: true }),
+      ...(client.extendedHeaders && { extendedHeaders: true }),
     };
   }
 

@@ -40,6 +40,11 @@ export interface ConnectOptions {
   metaContexts?: string[];
   /** Negotiate structured replies (default true). */
   structuredReplies?: boolean;
+  /**
+   * Negotiate extended headers when the server offers them (default true): zero, trim and
+   * block status requests may then span more than 4 GiB.
+   */
+  extendedHeaders?: boolean;
   /** Requests in flight per connection (default 64). */
   maxRequests?: number;
   /** Read/write payload bytes in flight per connection (default 64 MiB). */
@@ -200,6 +205,7 @@ export class NbdClient {
       endpoint,
       timeout: options.timeout ? options.timeout * 1000 : 0,
       structuredReplies: options.structuredReplies ?? true,
+      extendedHeaders: options.extendedHeaders ?? true,
       metaContexts: options.metaContexts ?? ['base:allocation'],
       maxRequests: options.maxRequests ?? 64,
       maxBytesInFlight: options.maxBytesInFlight ?? 64 * 1024 * 1024,
@@ -275,6 +281,10 @@ export class NbdClient {
   }
   get structuredReplies(): boolean {
     return this.conns[0].info.structuredReplies;
+  }
+  /** Extended headers are in use (64-bit lengths for zero, trim and block status). */
+  get extendedHeaders(): boolean {
+    return this.conns[0].info.extendedHeaders;
   }
   get tls(): boolean {
     return this.conns[0].info.tls;
@@ -406,12 +416,15 @@ export class NbdClient {
     return NBD_CMD_FLAG_FUA;
   }
 
-  /** Largest length field for commands without payload (block status, zero, trim). */
+  /**
+   * Largest length field for commands without payload (block status, zero, trim): 32 bits, or
+   * with extended headers 64 bits (as a JS number: below 2^53, so any range of the export).
+   */
   private get maxLength(): number {
     // Aligned to 64 KiB (or the minimum block size if larger): nbdkit 1.32 aborts on a block
     // status request of 0xffffffff bytes over a large hole (an assertion in its extent code).
     const a = Math.max(this.blockSize.minimum, 65536);
-    return Math.floor(0xffffffff / a) * a;
+    return Math.floor((this.extendedHeaders ? Number.MAX_SAFE_INTEGER : 0xffffffff) / a) * a;
   }
 
   /** NBD_CMD_WRITE_ZEROES. May trim unless noHole is set. */

@@ -10,7 +10,7 @@ import type * as net from 'node:net';
 import { getSystemErrorName } from 'node:util';
 import { NbdStreamError, asNbdStreamError } from '../errors.js';
 import { nodeNet, nodeTls } from '../builtins.js';
-import { encodeRequest } from './encode.js';
+import { encodeExtendedRequest, encodeRequest } from './encode.js';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler, type ZeroRuns } from './decode.js';
 import { clientHandshake, type ExportInfo } from './handshake.js';
 import { ByteReader } from './reader.js';
@@ -23,7 +23,6 @@ import {
   NBD_CMD_WRITE,
   NBD_ESHUTDOWN,
   NBD_REPLY_FLAG_DONE,
-  NBD_REQUEST_SIZE,
   commandName,
   nbdErrorName,
   nbdErrorText,
@@ -50,6 +49,8 @@ export interface ConnectionOptions {
   /** Name used in error messages (normally the URI). */
   endpoint: string;
   structuredReplies: boolean;
+  /** Negotiate extended headers when the server offers them (default true). */
+  extendedHeaders?: boolean;
   metaContexts: string[];
   maxRequests: number;
   maxBytesInFlight: number;
@@ -228,7 +229,7 @@ export class NbdConnection implements ReplyHandler {
           tlsUp = true;
         },
       },
-      { exportName: addr.exportName, tls: addr.tls, structuredReplies: this.opts.structuredReplies, metaContexts: this.opts.metaContexts },
+      { exportName: addr.exportName, tls: addr.tls, structuredReplies: this.opts.structuredReplies, extendedHeaders: this.opts.extendedHeaders, metaContexts: this.opts.metaContexts },
     ).catch((err: unknown) => {
       if (tlsUp && !heardOverTls && err instanceof NbdStreamError && (err.code === 'ERR_CONNECT' || err.code === 'ERR_CLOSED'))
         throw new NbdStreamError(
@@ -238,7 +239,7 @@ export class NbdConnection implements ReplyHandler {
         );
       throw err;
     });
-    this.decoder = new ReplyDecoder(this, this.info.structuredReplies);
+    this.decoder = new ReplyDecoder(this, this.info.structuredReplies, this.info.extendedHeaders);
     const left = this.reader.drain();
     if (left.length) this.decoder.push(left);
     if (zeroCopy) {
@@ -262,8 +263,11 @@ export class NbdConnection implements ReplyHandler {
     const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (!native?.readerStart || process.env.NBDSTREAM_NATIVE_READER === '0' || typeof fd !== 'number' || fd < 0 || this.failure) return;
     raw.pause();
-    this.nativeReader = native.readerStart(fd, this.info.structuredReplies, (kind, cookie, offset, length, flags, raw) =>
-      this.onNativeEvent(kind, cookie, offset, length, flags, raw),
+    this.nativeReader = native.readerStart(
+      fd,
+      this.info.structuredReplies,
+      (kind, cookie, offset, length, flags, raw) => this.onNativeEvent(kind, cookie, offset, length, flags, raw),
+      this.info.extendedHeaders,
     );
     this.receiver = 'native';
   }
@@ -564,8 +568,13 @@ export class NbdConnection implements ReplyHandler {
       this.socket.cork();
       process.nextTick(this.uncork);
     }
-    this.socket.write(encodeRequest(flags, type, cookie, offset, length));
+    this.socket.write(this.encode(flags, type, cookie, offset, length));
     return r;
+  }
+
+  /** A request header in the negotiated format (28 bytes, or 32 with extended headers). */
+  private encode(flags: number, type: number, cookie: number, offset: number, length: number): Buffer {
+    return this.info.extendedHeaders ? encodeExtendedRequest(flags, type, cookie, offset, length) : encodeRequest(flags, type, cookie, offset, length);
   }
 
   /** Fail everything pending and tear the socket down (idempotent). */
@@ -617,7 +626,7 @@ export class NbdConnection implements ReplyHandler {
           if (plain) s.once('finish', done);
           s.once('close', done);
           this.failure = new NbdStreamError('ERR_CLOSED', 'connection closed', { endpoint: this.opts.endpoint });
-          s.end(encodeRequest(0, NBD_CMD_DISC, 0, 0, 0, Buffer.allocUnsafe(NBD_REQUEST_SIZE)));
+          s.end(this.encode(0, NBD_CMD_DISC, 0, 0, 0));
         });
       } else {
         this.stopNativeReader();

@@ -17,6 +17,7 @@ import {
   NBD_INFO_EXPORT,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_ERROR_OFFSET,
   NBD_REPLY_TYPE_FLAG_ERROR,
@@ -24,6 +25,8 @@ import {
   NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE,
   NBD_REP_MAGIC,
+  NBD_EXTENDED_REPLY_MAGIC,
+  NBD_EXTENDED_REPLY_SIZE,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_SIMPLE_REPLY_SIZE,
   NBD_STRUCTURED_REPLY_MAGIC,
@@ -205,8 +208,12 @@ const S_CHUNK_REST = 2;
 const S_DATA_PAYLOAD = 3;
 const S_BODY = 4;
 const S_DEAD = 5;
+/** Extended headers: the 8-byte offset of an OFFSET_DATA chunk, after its 32-byte header. */
+const S_EXT_DATA_OFFSET = 6;
 /** Bytes read at once for a structured reply header: 20-byte chunk header + 8-byte offset. */
 const HEADER_READ = 28;
+/** The same with extended headers: 32-byte header + 8-byte offset. */
+const EXT_HEADER_READ = 40;
 
 /**
  * Incremental transmission-phase reply parser.
@@ -221,6 +228,8 @@ export class ReplyDecoder {
   private need: number; // bytes the current unit needs in scratch
   private have = 0; // bytes of the current unit already in scratch
   private structured: boolean;
+  /** Extended headers were negotiated: every reply is a 32-byte extended chunk header. */
+  private readonly extended: boolean;
   private readonly handler: ReplyHandler;
   // current reply
   private cookie = 0;
@@ -236,10 +245,11 @@ export class ReplyDecoder {
   /** Structured read replies with chunks received and no DONE yet, by cookie. */
   private readonly received = new Map<number, Received>();
 
-  constructor(handler: ReplyHandler, structured: boolean) {
+  constructor(handler: ReplyHandler, structured: boolean, extended = false) {
     this.handler = handler;
-    this.structured = structured;
-    this.need = NBD_SIMPLE_REPLY_SIZE;
+    this.structured = structured || extended;
+    this.extended = extended;
+    this.need = extended ? NBD_EXTENDED_REPLY_SIZE : NBD_SIMPLE_REPLY_SIZE;
   }
 
   /** True between replies (no partial reply buffered). */
@@ -257,7 +267,7 @@ export class ReplyDecoder {
     if (this.state === S_DEAD) return this.discard;
     // With structured replies a header may be read together with what usually follows it
     // (rest of the chunk header and the OFFSET_DATA offset): one read instead of two.
-    return this.scratch.subarray(this.have, this.state === S_HEADER && this.structured ? HEADER_READ : this.need);
+    return this.scratch.subarray(this.have, this.state === S_HEADER && this.structured ? (this.extended ? EXT_HEADER_READ : HEADER_READ) : this.need);
   }
 
   /**
@@ -361,7 +371,7 @@ export class ReplyDecoder {
   }
 
   private toHeader(): void {
-    this.expect(S_HEADER, NBD_SIMPLE_REPLY_SIZE);
+    this.expect(S_HEADER, this.extended ? NBD_EXTENDED_REPLY_SIZE : NBD_SIMPLE_REPLY_SIZE);
   }
 
   private unitDone(): void {
@@ -376,20 +386,12 @@ export class ReplyDecoder {
         const len = this.chunkLength - 8;
         if (req.type !== NBD_CMD_READ) return this.fail(`OFFSET_DATA chunk in reply to ${commandName(req.type)}`);
         if (len <= 0) return this.fail(`OFFSET_DATA chunk with length ${this.chunkLength}`);
-        const offset = readU64(s, 4);
-        if (offset < req.offset || offset + len > req.offset + req.length)
-          return this.fail(`OFFSET_DATA chunk ${offset}+${len} outside the request ${req.offset}+${req.length}`);
-        // checked before the payload lands: a repeated chunk never overwrites the first
-        if (!this.receive('OFFSET_DATA', this.cookie, offset, len, (this.flags & NBD_REPLY_FLAG_DONE) !== 0)) return;
-        this.dataOffset = offset;
-        this.dest = req.dest!;
-        this.destPos = offset - req.offset;
-        this.destEnd = this.destPos + len;
-        this.state = S_DATA_PAYLOAD;
-        return;
+        return this.startData(readU64(s, 4), len);
       }
       case S_BODY:
         return this.bodyDone();
+      case S_EXT_DATA_OFFSET:
+        return this.startData(readU64(s, 0), this.chunkLength - 8);
     }
   }
 
@@ -401,6 +403,7 @@ export class ReplyDecoder {
   private headerDone(): void {
     const s = this.scratch;
     const magic = s.readUInt32BE(0);
+    if (this.extended || magic === NBD_EXTENDED_REPLY_MAGIC) return this.extendedHeaderDone();
     if (magic !== NBD_SIMPLE_REPLY_MAGIC && magic !== NBD_STRUCTURED_REPLY_MAGIC) return this.fail(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
     if (magic === NBD_STRUCTURED_REPLY_MAGIC && !this.structured) return this.fail('structured reply received but structured replies were not negotiated');
     const hi = s.readUInt32BE(8);
@@ -427,6 +430,50 @@ export class ReplyDecoder {
     }
     this.toHeader();
     this.handler.onSimpleReply(cookie, errno);
+  }
+
+  /**
+   * A 32-byte extended reply header (magic, flags, type, cookie, the request's offset, 64-bit
+   * payload length). OFFSET_DATA reads its 8-byte offset next, so that its data goes straight to
+   * its buffer; other chunks go on as structured chunks.
+   */
+  private extendedHeaderDone(): void {
+    const s = this.scratch;
+    const magic = s.readUInt32BE(0);
+    if (!this.extended) return this.fail('extended reply received but extended headers were not negotiated');
+    if (magic !== NBD_EXTENDED_REPLY_MAGIC) {
+      const kind = magic === NBD_SIMPLE_REPLY_MAGIC ? 'simple reply' : magic === NBD_STRUCTURED_REPLY_MAGIC ? 'structured reply' : `reply magic 0x${magic.toString(16).padStart(8, '0')}`;
+      return this.fail(`${kind} received after extended headers were negotiated`);
+    }
+    const hi = s.readUInt32BE(8);
+    const cookie = s.readUInt32BE(12);
+    const req = hi === 0 ? this.handler.lookup(cookie) : undefined;
+    if (!req) return this.fail(`reply for unknown cookie 0x${hi.toString(16)}${cookie.toString(16).padStart(8, '0')}`);
+    this.cookie = cookie;
+    this.req = req;
+    this.flags = s.readUInt16BE(4);
+    this.chunkType = s.readUInt16BE(6);
+    this.chunkLength = readU64(s, 24);
+    if (this.chunkType === NBD_REPLY_TYPE_BLOCK_STATUS) return this.fail('BLOCK_STATUS chunk received after extended headers were negotiated (BLOCK_STATUS_EXT expected)');
+    if (this.chunkType === NBD_REPLY_TYPE_BLOCK_STATUS_EXT && req.type !== NBD_CMD_BLOCK_STATUS) return this.fail(`BLOCK_STATUS_EXT chunk in reply to ${commandName(req.type)}`);
+    if (this.chunkType !== NBD_REPLY_TYPE_OFFSET_DATA) return this.chunkHeaderDone();
+    if (req.type !== NBD_CMD_READ) return this.fail(`OFFSET_DATA chunk in reply to ${commandName(req.type)}`);
+    if (!(this.chunkLength > 8 && this.chunkLength - 8 <= req.length)) return this.fail(`OFFSET_DATA chunk with length ${this.chunkLength}`);
+    this.expect(S_EXT_DATA_OFFSET, 8);
+  }
+
+  /** The payload of an OFFSET_DATA chunk of a read: `len` bytes at export offset `offset`. */
+  private startData(offset: number, len: number): void {
+    const req = this.req!;
+    if (offset < req.offset || offset + len > req.offset + req.length)
+      return this.fail(`OFFSET_DATA chunk ${offset}+${len} outside the request ${req.offset}+${req.length}`);
+    // checked before the payload lands: a repeated chunk never overwrites the first
+    if (!this.receive('OFFSET_DATA', this.cookie, offset, len, (this.flags & NBD_REPLY_FLAG_DONE) !== 0)) return;
+    this.dataOffset = offset;
+    this.dest = req.dest!;
+    this.destPos = offset - req.offset;
+    this.destEnd = this.destPos + len;
+    this.state = S_DATA_PAYLOAD;
   }
 
   private chunkHeaderDone(): void {
@@ -474,6 +521,21 @@ export class ReplyDecoder {
         const id = s.readUInt32BE(0);
         const extents: Extent[] = [];
         for (let p = 4; p < len; p += 8) extents.push({ length: s.readUInt32BE(p), flags: s.readUInt32BE(p + 4) });
+        this.handler.onBlockStatus(cookie, id, extents);
+        break;
+      }
+      case NBD_REPLY_TYPE_BLOCK_STATUS_EXT: {
+        // only reached with extended headers (extendedHeaderDone); 64-bit (length, status) pairs
+        if (!this.extended) return this.fail(`unknown structured reply chunk type ${type}`);
+        if (len < 24 || (len - 8) % 16 !== 0) return this.fail(`BLOCK_STATUS_EXT chunk with length ${len}`);
+        const id = s.readUInt32BE(0);
+        const count = s.readUInt32BE(4);
+        if (count !== (len - 8) / 16) return this.fail(`BLOCK_STATUS_EXT chunk of ${len} bytes with ${count} descriptors`);
+        const extents: Extent[] = [];
+        for (let p = 8; p < len; p += 16) {
+          if (s.readUInt32BE(p + 8) !== 0) return this.fail(`BLOCK_STATUS_EXT descriptor with status 0x${s.readBigUInt64BE(p + 8).toString(16)}`);
+          extents.push({ length: readU64(s, p), flags: s.readUInt32BE(p + 12) });
+        }
         this.handler.onBlockStatus(cookie, id, extents);
         break;
       }

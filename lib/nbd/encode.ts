@@ -3,6 +3,8 @@ import {
   IHAVEOPT,
   NBD_OPT_GO,
   NBD_OPT_INFO,
+  NBD_EXTENDED_REQUEST_MAGIC,
+  NBD_EXTENDED_REQUEST_SIZE,
   NBD_REQUEST_MAGIC,
   NBD_REQUEST_SIZE,
 } from './protocol.js';
@@ -28,6 +30,22 @@ export function encodeRequest(flags: number, type: number, cookie: number, offse
   b.writeUInt32BE(cookie, 12);
   writeU64(b, offset, 16);
   b.writeUInt32BE(length, 24);
+  return b;
+}
+
+/**
+ * Extended request header (32 bytes, after NBD_OPT_EXTENDED_HEADERS): as encodeRequest, with a
+ * 64-bit length (the effect length; for NBD_CMD_WRITE the payload length).
+ */
+export function encodeExtendedRequest(flags: number, type: number, cookie: number, offset: number, length: number, into?: Buffer): Buffer {
+  const b = into ?? Buffer.allocUnsafe(NBD_EXTENDED_REQUEST_SIZE);
+  b.writeUInt32BE(NBD_EXTENDED_REQUEST_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeUInt32BE(0, 8);
+  b.writeUInt32BE(cookie, 12);
+  writeU64(b, offset, 16);
+  writeU64(b, length, 24);
   return b;
 }
 

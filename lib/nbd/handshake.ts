@@ -1,7 +1,8 @@
 /**
  * Client side of the fixed newstyle handshake, over an abstract byte channel so that it can be
- * driven by a socket or by test input. Order: greeting, client flags, [STARTTLS], STRUCTURED_REPLY,
- * SET_META_CONTEXT, GO (falling back to EXPORT_NAME for servers without GO).
+ * driven by a socket or by test input. Order: greeting, client flags, [STARTTLS], EXTENDED_HEADERS
+ * (which implies structured replies) or else STRUCTURED_REPLY, SET_META_CONTEXT, GO (falling back
+ * to EXPORT_NAME for servers without GO).
  */
 import { NbdStreamError } from '../errors.js';
 import { encodeClientFlags, encodeGo, encodeMetaContext, encodeOption } from './encode.js';
@@ -16,6 +17,7 @@ import {
   NBD_INFO_EXPORT,
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STARTTLS,
@@ -41,6 +43,8 @@ export interface HandshakeOptions {
   exportName: string;
   tls: 'require' | 'off';
   structuredReplies: boolean;
+  /** Ask for extended headers (with structured replies; default true). */
+  extendedHeaders?: boolean;
   /** Meta contexts to ask for with SET_META_CONTEXT (needs structured replies). */
   metaContexts: string[];
 }
@@ -62,6 +66,8 @@ export interface ExportInfo {
   /** Transmission flags (NBD_FLAG_*). */
   flags: number;
   structuredReplies: boolean;
+  /** NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte headers, 64-bit lengths (structuredReplies is then true). */
+  extendedHeaders: boolean;
   /** Negotiated meta contexts: name -> id. */
   metaContexts: Map<string, number>;
   blockSize: BlockSizeConstraints;
@@ -109,6 +115,7 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
     size: 0,
     flags: 0,
     structuredReplies: false,
+    extendedHeaders: false,
     metaContexts: new Map(),
     blockSize: { minimum: 1, preferred: 4096, maximum: NBD_DEFAULT_MAX_PAYLOAD },
     tls: false,
@@ -129,7 +136,16 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
       info.tls = true;
     }
 
-    if (opts.structuredReplies) {
+    if (opts.structuredReplies && (opts.extendedHeaders ?? true)) {
+      // servers without them (nbdkit 1.32, qemu 7.2) refuse with an error: structured replies then
+      ch.write(encodeOption(NBD_OPT_EXTENDED_HEADERS));
+      const r = await readReply(ch, NBD_OPT_EXTENDED_HEADERS);
+      if (r.type === NBD_REP_ACK) info.structuredReplies = info.extendedHeaders = true;
+      else if (r.type === NBD_REP_ERR_TLS_REQD) throw tlsRequired();
+      else if (!(r.type >= NBD_REP_FLAG_ERROR)) throw handshakeError(`unexpected reply ${optionReplyName(r.type)} to NBD_OPT_EXTENDED_HEADERS`, 'ERR_PROTOCOL');
+    }
+
+    if (opts.structuredReplies && !info.extendedHeaders) {
       ch.write(encodeOption(NBD_OPT_STRUCTURED_REPLY));
       const r = await readReply(ch, NBD_OPT_STRUCTURED_REPLY);
       if (r.type === NBD_REP_ACK) info.structuredReplies = true;
@@ -169,7 +185,7 @@ export async function clientHandshake(ch: HandshakeChannel, opts: HandshakeOptio
         if (!haveExport) throw handshakeError('server acknowledged NBD_OPT_GO without sending NBD_INFO_EXPORT', 'ERR_PROTOCOL');
         return info;
       } else if (r.type === NBD_REP_ERR_UNSUP) {
-        info.structuredReplies = false;
+        info.structuredReplies = info.extendedHeaders = false;
         info.metaContexts.clear();
         return exportName(ch, opts, info, noZeroes);
       } else if (r.type === NBD_REP_ERR_TLS_REQD) throw tlsRequired();

@@ -8,10 +8,15 @@ export const NBD_REP_MAGIC = 0x3e889045565a9n;
 export const NBD_REQUEST_MAGIC = 0x25609513;
 export const NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
 export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+/** Extended headers (NBD_OPT_EXTENDED_HEADERS): 32-byte requests and reply chunk headers, 64-bit lengths. */
+export const NBD_EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const NBD_EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
 export const NBD_REQUEST_SIZE = 28;
 export const NBD_SIMPLE_REPLY_SIZE = 16;
 export const NBD_STRUCTURED_REPLY_SIZE = 20;
+export const NBD_EXTENDED_REQUEST_SIZE = 32;
+export const NBD_EXTENDED_REPLY_SIZE = 32;
 
 // Handshake flags (server) and client flags.
 export const NBD_FLAG_FIXED_NEWSTYLE = 1 << 0;
@@ -91,6 +96,8 @@ export const NBD_REPLY_TYPE_NONE = 0;
 export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
 export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
 export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
+/** Extended headers only: block status with 64-bit descriptors (length, status). */
+export const NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 export const NBD_REPLY_TYPE_ERROR = (1 << 15) + 1;
 export const NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2;
 export const NBD_REPLY_TYPE_FLAG_ERROR = 1 << 15;

@@ -10,6 +10,11 @@
  * so bytes that arrive early are never parsed in the wrong phase.
  *
  * Cookies are the full 64-bit field (bigint): a server must echo whatever the client sent.
+ *
+ * Extended headers (NBD_OPT_EXTENDED_HEADERS): requests are 32 bytes with a 64-bit length
+ * (ServerDecoder.expectRequests(true)); every reply is a chunk with a 32-byte header: chunks are
+ * encoded as structured chunks and re-framed by toExtendedChunk, except block status, which has
+ * its own 64-bit chunk (encodeBlockStatusExt).
  */
 import { NbdStreamError } from '../errors.js';
 import { readU64 } from './decode.js';
@@ -25,12 +30,17 @@ import {
   NBD_MAX_STRING,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_ERROR_OFFSET,
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE,
   NBD_REP_MAGIC,
+  NBD_EXTENDED_REPLY_MAGIC,
+  NBD_EXTENDED_REPLY_SIZE,
+  NBD_EXTENDED_REQUEST_MAGIC,
+  NBD_EXTENDED_REQUEST_SIZE,
   NBD_REQUEST_MAGIC,
   NBD_REQUEST_SIZE,
   NBD_SIMPLE_REPLY_MAGIC,
@@ -212,6 +222,51 @@ export function encodeErrorChunk(cookie: bigint, errno: number, message: string,
   return b;
 }
 
+/**
+ * Extended reply header (32 bytes): magic, flags, type, cookie, the request's offset, and the
+ * 64-bit length of the payload that follows.
+ */
+export function encodeExtendedChunkHeader(flags: number, type: number, cookie: bigint, offset: number, length: number, into?: Buffer): Buffer {
+  const b = into ?? Buffer.allocUnsafe(NBD_EXTENDED_REPLY_SIZE);
+  b.writeUInt32BE(NBD_EXTENDED_REPLY_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeBigUInt64BE(cookie, 8);
+  writeU64(b, offset, 16);
+  writeU64(b, length, 24);
+  return b;
+}
+
+/**
+ * A structured chunk (20-byte header and what follows it in the same buffer) re-framed with the
+ * extended header; `offset` is the request's. Anything else (an extended chunk already, or a
+ * simple reply sent on purpose to break the protocol) is returned as it is.
+ */
+export function toExtendedChunk(head: Buffer, offset: number): Buffer {
+  if (head.length < 20 || head.readUInt32BE(0) !== NBD_STRUCTURED_REPLY_MAGIC) return head;
+  const b = Buffer.allocUnsafe(head.length + 12);
+  encodeExtendedChunkHeader(head.readUInt16BE(4), head.readUInt16BE(6), head.readBigUInt64BE(8), offset, head.readUInt32BE(16), b);
+  head.copy(b, NBD_EXTENDED_REPLY_SIZE, 20);
+  return b;
+}
+
+/** NBD_REPLY_TYPE_BLOCK_STATUS_EXT for one context: id, count, then 64-bit (length, status) descriptors. */
+export function encodeBlockStatusExt(flags: number, cookie: bigint, offset: number, contextId: number, extents: BlockDescriptor[]): Buffer {
+  const len = 8 + 16 * extents.length;
+  const b = Buffer.allocUnsafe(NBD_EXTENDED_REPLY_SIZE + len);
+  encodeExtendedChunkHeader(flags, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, cookie, offset, len, b);
+  b.writeUInt32BE(contextId >>> 0, 32);
+  b.writeUInt32BE(extents.length, 36);
+  let p = 40;
+  for (const e of extents) {
+    writeU64(b, e.length, p);
+    b.writeUInt32BE(0, p + 8);
+    b.writeUInt32BE(e.flags >>> 0, p + 12);
+    p += 16;
+  }
+  return b;
+}
+
 /** NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE: "nothing more for this cookie". */
 export function encodeNoneChunk(cookie: bigint): Buffer {
   return encodeChunkHeader(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, 0);
@@ -314,7 +369,7 @@ const ST_STOPPED = 6; // after NBD_CMD_DISC or a protocol error: input is ignore
 /**
  * Incremental parser of client traffic. Feed it with push(chunk) at any split. Phases: 4 bytes of
  * client flags, then options (each followed by a wait for expectOption()/expectRequests()), then
- * 28-byte requests, each NBD_CMD_WRITE followed by its payload.
+ * 28-byte requests (32 with extended headers), each NBD_CMD_WRITE followed by its payload.
  */
 export class ServerDecoder {
   private state = ST_FLAGS;
@@ -322,7 +377,9 @@ export class ServerDecoder {
   private readonly maxOption: number;
   private readonly maxPayload: number;
   private readonly maxBuffered: number;
-  private head = Buffer.allocUnsafe(NBD_REQUEST_SIZE);
+  private head = Buffer.allocUnsafe(NBD_EXTENDED_REQUEST_SIZE);
+  /** Requests are extended (32 bytes, 64-bit length). */
+  private extended = false;
   private have = 0;
   private need = 4;
   // current option or request
@@ -376,9 +433,15 @@ export class ServerDecoder {
     this.continueWith(ST_OPTION_HEADER, 16);
   }
 
-  /** Enter the transmission phase: parse requests. */
-  expectRequests(): void {
-    this.continueWith(ST_REQUEST, NBD_REQUEST_SIZE);
+  /** Enter the transmission phase: parse requests (`extended`: 32-byte extended requests). */
+  expectRequests(extended = false): void {
+    if (this.state !== ST_WAIT) return;
+    this.extended = extended;
+    this.continueWith(ST_REQUEST, this.requestSize);
+  }
+
+  private get requestSize(): number {
+    return this.extended ? NBD_EXTENDED_REQUEST_SIZE : NBD_REQUEST_SIZE;
   }
 
   /**
@@ -510,19 +573,24 @@ export class ServerDecoder {
       }
       case ST_REQUEST: {
         const magic = h.readUInt32BE(0);
-        if (magic !== NBD_REQUEST_MAGIC) return this.fail(`bad request magic 0x${magic.toString(16).padStart(8, '0')}`);
+        if (magic !== (this.extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC)) {
+          const what = magic === NBD_REQUEST_MAGIC ? 'compact request after extended headers were negotiated' : magic === NBD_EXTENDED_REQUEST_MAGIC ? 'extended request but extended headers were not negotiated' : 'bad request magic';
+          return this.fail(`${what} 0x${magic.toString(16).padStart(8, '0')}`);
+        }
         const req: ClientRequest = {
           flags: h.readUInt16BE(4),
           type: h.readUInt16BE(6),
           cookie: h.readBigUInt64BE(8),
           offset: readU64(h, 16),
-          length: h.readUInt32BE(24),
+          length: this.extended ? readU64(h, 24) : h.readUInt32BE(24),
         };
         if (req.type !== NBD_CMD_WRITE) {
-          this.need = NBD_REQUEST_SIZE;
+          this.need = this.requestSize;
           this.handler.onRequest(req);
           return;
         }
+        // a payload we would skip must at least end: 64-bit lengths beyond 32 bits are refused
+        if (req.length > 0xffffffff) return this.fail(`NBD_CMD_WRITE with a payload of ${h.readBigUInt64BE(24)} bytes`);
         this.req = req;
         return this.startBody(ST_PAYLOAD, req.length, req.length <= this.maxPayload);
       }
@@ -541,7 +609,7 @@ export class ServerDecoder {
     this.req = undefined;
     req.payload = body;
     this.state = ST_REQUEST;
-    this.need = NBD_REQUEST_SIZE;
+    this.need = this.requestSize;
     this.handler.onRequest(req);
   }
 }

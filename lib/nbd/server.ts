@@ -4,7 +4,8 @@
  * systemd-style socket activation, or any connected Duplex stream.
  *
  * Protocol: fixed newstyle handshake with NBD_OPT_GO / INFO (INFO_EXPORT, INFO_BLOCK_SIZE,
- * INFO_NAME, INFO_DESCRIPTION), LIST, ABORT, EXPORT_NAME, STRUCTURED_REPLY, SET/LIST_META_CONTEXT
+ * INFO_NAME, INFO_DESCRIPTION), LIST, ABORT, EXPORT_NAME, STRUCTURED_REPLY, EXTENDED_HEADERS
+ * (32-byte requests and reply headers, 64-bit lengths, BLOCK_STATUS_EXT), SET/LIST_META_CONTEXT
  * (base:allocation from the endpoint's extents, qemu:dirty-bitmap:NAME from an export's
  * dirtyBitmaps) and STARTTLS (PSK or X.509; FORCEDTLS with
  * mode 'require'); anything else is NBD_REP_ERR_UNSUP. Transmission: READ (structured replies:
@@ -64,6 +65,7 @@ import {
   NBD_INFO_NAME,
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_INFO,
   NBD_OPT_LIST,
@@ -90,6 +92,7 @@ import {
 import {
   ServerDecoder,
   encodeBlockStatus,
+  encodeBlockStatusExt,
   encodeChunkHeader,
   encodeErrorChunk,
   encodeExportNameReply,
@@ -105,6 +108,7 @@ import {
   encodeRepMetaContext,
   encodeRepServer,
   encodeSimpleReply,
+  toExtendedChunk,
   parseExportNameData,
   parseGoData,
   parseMetaContextData,
@@ -606,6 +610,8 @@ class Connection implements ServerDecoderHandler {
   private noZeroes = false;
   private tlsActive = false;
   private structured = false;
+  /** NBD_OPT_EXTENDED_HEADERS was acknowledged (structured is then true too). */
+  private extended = false;
   /** Export the last SET_META_CONTEXT selected contexts for, and those contexts. */
   private metaExport: Export | undefined;
   private metaSelected: MetaContext[] = [];
@@ -834,6 +840,13 @@ class Connection implements ServerDecoderHandler {
           this.reply(option, NBD_REP_ACK);
         }
         return this.decoder.expectOption();
+      case NBD_OPT_EXTENDED_HEADERS:
+        if (data.length) this.replyError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_EXTENDED_HEADERS takes no data');
+        else {
+          this.structured = this.extended = true;
+          this.reply(option, NBD_REP_ACK);
+        }
+        return this.decoder.expectOption();
       case NBD_OPT_LIST_META_CONTEXT:
       case NBD_OPT_SET_META_CONTEXT:
         this.metaContext(option, data);
@@ -922,7 +935,7 @@ class Connection implements ServerDecoderHandler {
         this.tlsActive = true;
         this.phase = 'handshake';
         // No negotiation state survives STARTTLS.
-        this.structured = false;
+        this.structured = this.extended = false;
         this.metaExport = undefined;
         this.decoder.expectOption();
       },
@@ -938,7 +951,7 @@ class Connection implements ServerDecoderHandler {
     this.exp = exp;
     this.contexts = this.structured && this.metaExport === exp ? this.metaSelected : [];
     this.phase = 'transmission';
-    this.decoder.expectRequests();
+    this.decoder.expectRequests(this.extended);
   }
 
   // ------------------------------------------------------------ transmission
@@ -1021,7 +1034,8 @@ class Connection implements ServerDecoderHandler {
   }
 
   private ok(req: ClientRequest): Message[] {
-    return [{ head: encodeSimpleReply(req.cookie, 0) }];
+    // extended headers have no simple replies
+    return [{ head: this.extended ? encodeNoneChunk(req.cookie) : encodeSimpleReply(req.cookie, 0) }];
   }
 
   private inject(fn: ((o: number, l: number) => number | undefined) | undefined, req: ClientRequest): void {
@@ -1168,7 +1182,12 @@ class Connection implements ServerDecoderHandler {
         return { id: c.id, desc };
       }),
     );
-    return chunks.map((c, i) => ({ head: encodeBlockStatus(i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0, req.cookie, c.id, c.desc) }));
+    return chunks.map((c, i) => ({ head: this.statusChunk(i === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0, req, c.id, c.desc) }));
+  }
+
+  /** A block status chunk: BLOCK_STATUS_EXT with extended headers, else BLOCK_STATUS. */
+  private statusChunk(flags: number, req: ClientRequest, id: number, desc: BlockDescriptor[]): Buffer {
+    return this.extended ? encodeBlockStatusExt(flags, req.cookie, req.offset, id, desc) : encodeBlockStatus(flags, req.cookie, id, desc);
   }
 
   /** Write a reply, applying any protocol violation asked for. */
@@ -1179,8 +1198,13 @@ class Connection implements ServerDecoderHandler {
       if (this.violationsSkipped < (this.faults.violateAfter ?? 0)) this.violationsSkipped++;
       else return this.violate(v, req, msgs);
     }
+    this.writeMessages(req, msgs);
+  }
+
+  /** Write a reply's messages, with extended headers re-framed as extended chunks. */
+  private writeMessages(req: ClientRequest, msgs: Message[]): void {
     for (const m of msgs) {
-      if (!this.writeCounted(m.head)) return;
+      if (!this.writeCounted(this.extended ? toExtendedChunk(m.head, req.offset) : m.head)) return;
       if (m.body && !this.writeCounted(m.body)) return;
     }
   }
@@ -1230,18 +1254,15 @@ class Connection implements ServerDecoderHandler {
         break;
       }
       case 'zero-length-extent':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id, [{ length: 0, flags: 0 }, { length, flags: 0 }]) }];
+        out = [{ head: this.statusChunk(NBD_REPLY_FLAG_DONE, req, id, [{ length: 0, flags: 0 }, { length, flags: 0 }]) }];
         break;
       case 'overlong-extent':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, id, [{ length: Math.min(length + 4096, 0xffff_ffff), flags: 0 }, { length: 4096, flags: 0 }]) }];
+        out = [{ head: this.statusChunk(NBD_REPLY_FLAG_DONE, req, id, [{ length: Math.min(length + 4096, 0xffff_ffff), flags: 0 }, { length: 4096, flags: 0 }]) }];
         break;
       case 'unasked-context':
-        out = [{ head: encodeBlockStatus(NBD_REPLY_FLAG_DONE, cookie, unasked, [{ length, flags: 0 }]) }];
+        out = [{ head: this.statusChunk(NBD_REPLY_FLAG_DONE, req, unasked, [{ length, flags: 0 }]) }];
         break;
     }
-    for (const m of out) {
-      if (!this.writeCounted(m.head)) return;
-      if (m.body && !this.writeCounted(m.body)) return;
-    }
+    this.writeMessages(req, out);
   }
 }

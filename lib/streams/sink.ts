@@ -150,11 +150,15 @@ export class Sink extends Writable {
     return Promise.all(writes);
   }
 
-  /** Zero a range as one request per 128 MiB work range it touches. */
+  /**
+   * Zero a range as one request per 128 MiB work range it touches (as nbdcopy), or as one
+   * request when the target takes any length (NBD extended headers).
+   */
   private zeroPieces(c: Chunk): Promise<unknown> {
     const zeros: Promise<void>[] = [];
+    const span = this.dst.capabilities.extendedHeaders ? Infinity : WORK_RANGE;
     for (let o = c.offset, end = c.offset + c.length; o < end; ) {
-      const e = Math.min(end, o - (o % WORK_RANGE) + WORK_RANGE);
+      const e = span === Infinity ? end : Math.min(end, o - (o % span) + span);
       zeros.push(this.dst.zero(o, e - o, { allocate: this.allocated }));
       o = e;
     }

@@ -120,9 +120,15 @@ describe.each([
     await server.listen({ path: path.join(dir, 'sock') });
     cleanups.push(() => server.close(200));
     const map = (...runs: Array<[number, number]>) => (receiver === 'native' ? { blockSize: 4096, runs: runs.map(([offset, length]) => ({ offset, length })) } : undefined);
-    for (const structuredReplies of [true, false]) {
-      const c = await connect(server.uri!, { zeroBlockSize: 4096, structuredReplies });
+    // our server offers extended headers (32-byte reply headers): with them, without, and simple replies
+    for (const [structuredReplies, extendedHeaders] of [
+      [true, true],
+      [true, false],
+      [false, false],
+    ]) {
+      const c = await connect(server.uri!, { zeroBlockSize: 4096, structuredReplies, extendedHeaders });
       expect(c.receiver).toBe(receiver);
+      expect(c.extendedHeaders).toBe(extendedHeaders);
       const read = async (offset: number, length: number) => {
         const r = await c.pread(offset, length);
         expect(r.data.equals(data.subarray(offset, offset + length))).toBe(true);

@@ -486,28 +486,33 @@ describe('fault injection', () => {
     expect(['ERR_CLOSED', 'ERR_PROTOCOL', 'ERR_CONNECT']).toContain(e.code);
   });
 
-  const violations: Array<[Violation, 'read' | 'status']> = [
-    ['wrong-cookie', 'read'],
-    ['bad-magic', 'read'],
-    ['oversized-payload', 'read'],
-    ['chunk-past-request', 'read'],
-    ['simple-after-structured', 'read'],
-    ['zero-length-extent', 'status'],
-    ['overlong-extent', 'status'],
-    ['unasked-context', 'status'],
-    ['wrong-cookie', 'status'],
+  // [violation, request, message, message with extended headers when it differs]
+  const violations: Array<[Violation, 'read' | 'status', string, string?]> = [
+    ['wrong-cookie', 'read', 'reply for unknown cookie 0x8000000000000002'],
+    ['bad-magic', 'read', 'bad reply magic 0xdeadbeef', 'reply magic 0xdeadbeef received after extended headers were negotiated'],
+    ['oversized-payload', 'read', 'structured reply chunk of 2147483632 bytes is too large'],
+    ['chunk-past-request', 'read', 'OFFSET_DATA chunk 1+8192 outside the request 0+8192'],
+    ['simple-after-structured', 'read', 'simple reply to NBD_CMD_READ after structured replies were negotiated', 'simple reply received after extended headers were negotiated'],
+    ['zero-length-extent', 'status', 'block status extent 0 at offset 0 has zero length'],
+    ['overlong-extent', 'status', 'block status extent 0 at offset 0 goes past the requested range'],
+    ['unasked-context', 'status', 'block status for context id 2, which was not asked for'],
+    ['wrong-cookie', 'status', 'reply for unknown cookie 0x8000000000000002'],
   ];
-  it.each(violations)('violation %s (%s): NbdClient fails with ERR_PROTOCOL, after violateAfter correct replies', async (violation, op) => {
+  it.each(violations)('violation %s (%s): NbdClient fails with ERR_PROTOCOL, after violateAfter correct replies, with extended headers and without', async (violation, op, message, extendedMessage) => {
     const { uri, server } = await serve(memoryWithData());
     server.faults = { violation, violateAfter: 1 };
-    const c = await connect(uri);
-    const call = () => (op === 'read' ? c.pread(0, 8192) : c.blockStatus(0, 8192));
-    await call(); // the first one is answered correctly
-    const e = await rejection(call());
-    expect(e.code).toBe('ERR_PROTOCOL');
-    expect(e.endpoint).toBe(uri);
-    // the connection is gone for good
-    expect((await rejection(c.pread(0, 1))).code).toBe('ERR_PROTOCOL');
+    for (const extendedHeaders of [true, false]) {
+      const c = await connect(uri, { extendedHeaders });
+      expect(c.extendedHeaders).toBe(extendedHeaders);
+      const call = () => (op === 'read' ? c.pread(0, 8192) : c.blockStatus(0, 8192));
+      await call(); // the first one is answered correctly
+      const e = await rejection(call());
+      expect(e.code).toBe('ERR_PROTOCOL');
+      expect(e.message).toBe(extendedHeaders ? (extendedMessage ?? message) : message);
+      expect(e.endpoint).toBe(uri);
+      // the connection is gone for good
+      expect((await rejection(c.pread(0, 1))).code).toBe('ERR_PROTOCOL');
+    }
   });
 
   it('violation truncated-header: part of a header, then the server hangs up', async () => {
@@ -558,12 +563,12 @@ function optionReplies(data: Buffer): Array<[number, number, string]> {
 }
 
 describe('misbehaving clients', () => {
-  it('unknown options get NBD_REP_ERR_UNSUP, TLS options without TLS are refused, ABORT is acknowledged', async () => {
+  it('unknown options get NBD_REP_ERR_UNSUP, options with data they do not take NBD_REP_ERR_INVALID, TLS options without TLS are refused, ABORT is acknowledged', async () => {
     const { socket } = await serve(new SparseMemoryEndpoint(MiB));
     const r = await talk(socket, [
       encodeClientFlags(3),
       encodeOption(99),
-      encodeOption(P.NBD_OPT_EXTENDED_HEADERS),
+      encodeOption(P.NBD_OPT_EXTENDED_HEADERS, Buffer.from('x')), // takes no data
       encodeOption(P.NBD_OPT_STARTTLS),
       encodeOption(P.NBD_OPT_LIST, Buffer.from('x')),
       encodeOption(P.NBD_OPT_SET_META_CONTEXT, Buffer.alloc(8)), // before STRUCTURED_REPLY
@@ -575,7 +580,7 @@ describe('misbehaving clients', () => {
     expect(r.data.subarray(0, 18).toString('hex')).toBe('4e42444d4147494349484156454f50540003');
     expect(optionReplies(r.data).map(([o, t]) => [o, P.optionReplyName(t)])).toEqual([
       [99, 'NBD_REP_ERR_UNSUP'],
-      [P.NBD_OPT_EXTENDED_HEADERS, 'NBD_REP_ERR_UNSUP'],
+      [P.NBD_OPT_EXTENDED_HEADERS, 'NBD_REP_ERR_INVALID'],
       [P.NBD_OPT_STARTTLS, 'NBD_REP_ERR_POLICY'],
       [P.NBD_OPT_LIST, 'NBD_REP_ERR_INVALID'],
       [P.NBD_OPT_SET_META_CONTEXT, 'NBD_REP_ERR_INVALID'],

@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { ReplyDecoder, type Extent, type PendingRequest, type ReplyHandler } from '../../lib/nbd/decode.js';
 import { clientHandshake } from '../../lib/nbd/handshake.js';
+import { encodeBlockStatusExt, encodeErrorChunk, encodeNoneChunk, encodeOffsetDataHeader, encodeOffsetHole, toExtendedChunk } from '../../lib/nbd/server-codec.js';
 import { NbdStreamError } from '../../lib/errors.js';
 import * as P from '../../lib/nbd/protocol.js';
 
@@ -93,10 +94,25 @@ function validReplies(structured: boolean): Buffer {
   ]);
 }
 
+/** The same kinds of replies with extended headers (32-byte headers, BLOCK_STATUS_EXT), built with the server's encoders. */
+function validExtendedReplies(): Buffer {
+  return Buffer.concat([
+    toExtendedChunk(encodeOffsetDataHeader(0, 1n, 4096, 32), 4096),
+    Buffer.alloc(32, 9),
+    toExtendedChunk(encodeNoneChunk(2n), 0),
+    encodeBlockStatusExt(P.NBD_REPLY_FLAG_DONE, 3n, 0, 1, [
+      { length: 4096, flags: 0 },
+      { length: 1 << 20, flags: 3 },
+    ]),
+    toExtendedChunk(encodeOffsetHole(P.NBD_REPLY_FLAG_DONE, 1n, 4128, 32), 4096),
+    toExtendedChunk(encodeErrorChunk(4n, 5, 'bad', 4), 0),
+  ]);
+}
+
 let decodeErrors = 0;
-function decodeNeverThrows(input: Uint8Array, structured: boolean, cuts: number[]): void {
+function decodeNeverThrows(input: Uint8Array, structured: boolean, cuts: number[], extended = false): void {
   const rec = new Counting();
-  const d = new ReplyDecoder(rec, structured);
+  const d = new ReplyDecoder(rec, structured, extended);
   const buf = Buffer.from(input);
   let pos = 0;
   for (const c of [...cuts.map((x) => x % (buf.length + 1)).sort((a, b) => a - b), buf.length]) {
@@ -156,6 +172,18 @@ describe('fuzz: ReplyDecoder', () => {
     // the mutations do reach the error paths (most of them, not all: some stay valid)
     expect(decodeErrors).toBeGreaterThan(10_000);
   });
+  it('never throws on mutated valid streams with extended headers (20k inputs)', () => {
+    decodeErrors = 0;
+    fc.assert(
+      fc.property(mutated(validExtendedReplies()), fc.array(fc.nat(), { maxLength: 4 }), (input, cuts) => decodeNeverThrows(input, true, cuts, true)),
+      { numRuns: 20_000 },
+    );
+    expect(decodeErrors).toBeGreaterThan(5_000);
+    const rec = new Counting();
+    new ReplyDecoder(rec, true, true).push(validExtendedReplies());
+    expect(rec.errors).toEqual([]);
+    expect(rec.events).toBe(8);
+  });
   it('decodes the unmutated valid streams without error', () => {
     for (const structured of [true, false]) {
       const rec = new Counting();
@@ -197,6 +225,7 @@ function validHandshake(): Buffer {
   bsz.writeUInt32BE(1 << 25, 10);
   return Buffer.concat([
     greeting,
+    rep(P.NBD_OPT_EXTENDED_HEADERS, P.NBD_REP_ERR_UNSUP, Buffer.alloc(0)), // as nbdkit 1.32 and qemu 7.2
     rep(P.NBD_OPT_STRUCTURED_REPLY, P.NBD_REP_ACK, Buffer.alloc(0)),
     rep(P.NBD_OPT_SET_META_CONTEXT, P.NBD_REP_META_CONTEXT, Buffer.concat([u32(1), Buffer.from('base:allocation')])),
     rep(P.NBD_OPT_SET_META_CONTEXT, P.NBD_REP_ACK, Buffer.alloc(0)),

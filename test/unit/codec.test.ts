@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { encodeGo, encodeMetaContext, encodeOption, encodeRequest } from '../../lib/nbd/encode.js';
+import { encodeExtendedRequest, encodeGo, encodeMetaContext, encodeOption, encodeRequest } from '../../lib/nbd/encode.js';
 import {
   ReplyDecoder,
   parseExportNameReply,
@@ -109,10 +109,10 @@ function requests(): Map<number, PendingRequest> {
 }
 
 /** Feed `input` split at `cut`, also byte by byte; every split must give the same events. */
-function decodeAllSplits(input: Buffer, structured: boolean): { events: string[]; errors: string[] } {
+function decodeAllSplits(input: Buffer, structured: boolean, extended = false): { events: string[]; errors: string[] } {
   const run = (pieces: Buffer[]) => {
-    const rec = new Recorder(requests());
-    const d = new ReplyDecoder(rec, structured);
+    const rec = new Recorder(extended ? extRequests() : requests());
+    const d = new ReplyDecoder(rec, structured, extended);
     for (const p of pieces) d.push(p);
     return { events: rec.events, errors: rec.errors.map((e) => `${e.code}: ${e.message}`) };
   };
@@ -286,4 +286,109 @@ describe('ReplyDecoder', () => {
     expect(rec.events).toEqual(['data 1 4096+8 1122334455667788', 'done 1']);
     expect(d.idle).toBe(true);
   });
+});
+
+// ----------------------------------------------------------------- extended headers
+
+/** A structured chunk built above, re-framed with the 32-byte extended header (request offset `reqOffset`). */
+function ext(structuredChunk: Buffer, reqOffset = 0): Buffer {
+  const h = Buffer.alloc(32);
+  h.writeUInt32BE(P.NBD_EXTENDED_REPLY_MAGIC, 0);
+  structuredChunk.copy(h, 4, 4, 16); // flags, type, cookie
+  u64(reqOffset).copy(h, 16);
+  u64(structuredChunk.readUInt32BE(16)).copy(h, 24);
+  return Buffer.concat([h, structuredChunk.subarray(20)]);
+}
+function blockStatusExt(cookie: number, id: number, extents: Array<{ length: number; status: bigint }>, flags = DONE, count = extents.length): Buffer {
+  const b = Buffer.alloc(8 + 16 * extents.length);
+  b.writeUInt32BE(id, 0);
+  b.writeUInt32BE(count, 4);
+  extents.forEach((e, i) => {
+    u64(e.length).copy(b, 8 + 16 * i);
+    b.writeBigUInt64BE(e.status, 16 + 16 * i);
+  });
+  return ext(chunk(cookie, P.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, flags, b));
+}
+
+function extRequests(): Map<number, PendingRequest> {
+  const m = requests();
+  m.set(5, { type: P.NBD_CMD_BLOCK_STATUS, offset: 2 ** 40, length: 2 ** 41 });
+  return m;
+}
+
+describe('extended headers', () => {
+  it('encodes a request header as 32 bytes with a 64-bit length', () => {
+    expect(encodeExtendedRequest(P.NBD_CMD_FLAG_NO_HOLE, P.NBD_CMD_WRITE_ZEROES, 7, 2 ** 40, 2 ** 41 + 4096).toString('hex')).toBe(
+      '21e41c71' + '0002' + '0006' + '0000000000000007' + '0000010000000000' + '0000020000001000',
+    );
+  });
+
+  it('decodes every chunk type, interleaved, at every split; block status lengths beyond 32 bits', () => {
+    const input = Buffer.concat([
+      ext(data(1, 4100, Buffer.from('aabbccdd', 'hex')), 4096),
+      ext(none(2)),
+      blockStatusExt(5, 1, [
+        { length: 2 ** 40, status: 3n },
+        { length: 2 ** 41, status: 0n },
+      ]),
+      ext(hole(1, 4096, 4, DONE), 4096),
+      blockStatusExt(3, 1, [{ length: 1 << 20, status: 1n }]),
+      ext(error(4, 5, 'bad sector', 2)),
+    ]);
+    expect(decodeAllSplits(input, true, true)).toEqual({
+      events: ['data 1 4100+4 aabbccdd', 'done 2', 'bs 5 1 1099511627776/3,2199023255552/0', 'done 5', 'hole 1 4096+4', 'done 1', 'bs 3 1 1048576/1', 'done 3', 'error 4 5 "bad sector" 2', 'done 4'],
+      errors: [],
+    });
+  });
+
+  it('lets read payloads land directly in the request buffer', () => {
+    const reqs = extRequests();
+    const rec = new Recorder(reqs);
+    const d = new ReplyDecoder(rec, true, true);
+    const input = ext(data(1, 4096, Buffer.from('1122334455667788', 'hex'), DONE), 4096);
+    let pos = 0;
+    let sawDest = false;
+    while (pos < input.length) {
+      const b = d.nextBuffer();
+      if (b.buffer === reqs.get(1)!.dest!.buffer && b.byteOffset === reqs.get(1)!.dest!.byteOffset) sawDest = true;
+      const n = Math.min(b.length, input.length - pos);
+      input.copy(b, 0, pos, pos + n);
+      d.advance(n);
+      pos += n;
+    }
+    expect(sawDest).toBe(true);
+    expect(rec.events).toEqual(['data 1 4096+8 1122334455667788', 'done 1']);
+    expect(d.idle).toBe(true);
+  });
+
+  const malformed: Array<[string, Buffer, boolean, string]> = [
+    ['an extended reply without negotiation', ext(none(2)), false, 'extended reply received but extended headers were not negotiated'],
+    ['a simple reply after negotiation', simple(2, 0), true, 'simple reply received after extended headers were negotiated'],
+    ['a structured reply after negotiation', none(2), true, 'structured reply received after extended headers were negotiated'],
+    ['bad magic', Buffer.alloc(32, 0xde), true, 'reply magic 0xdededede received after extended headers were negotiated'],
+    ['a 32-bit BLOCK_STATUS chunk', ext(blockStatus(3, 1, [{ length: 1, flags: 0 }])), true, 'BLOCK_STATUS chunk received after extended headers were negotiated (BLOCK_STATUS_EXT expected)'],
+    ['BLOCK_STATUS_EXT for a read', blockStatusExt(1, 1, [{ length: 8, status: 0n }]), true, 'BLOCK_STATUS_EXT chunk in reply to NBD_CMD_READ'],
+    ['BLOCK_STATUS_EXT with a wrong count', blockStatusExt(3, 1, [{ length: 8, status: 0n }], DONE, 2), true, 'BLOCK_STATUS_EXT chunk of 24 bytes with 2 descriptors'],
+    ['BLOCK_STATUS_EXT without descriptors', blockStatusExt(3, 1, []), true, 'BLOCK_STATUS_EXT chunk with length 8'],
+    ['a status beyond 32 bits', blockStatusExt(3, 1, [{ length: 8, status: 1n << 32n }]), true, 'BLOCK_STATUS_EXT descriptor with status 0x100000000'],
+    ['a data chunk longer than the read', ext(data(1, 4096, Buffer.alloc(9))), true, 'OFFSET_DATA chunk with length 17'],
+    ['a data chunk past the read', ext(data(1, 4100, Buffer.alloc(8))), true, 'OFFSET_DATA chunk 4100+8 outside the request 4096+8'],
+    ['a data chunk for a write', ext(data(2, 0, Buffer.alloc(4))), true, 'OFFSET_DATA chunk in reply to NBD_CMD_WRITE'],
+    ['an unknown cookie', ext(none(99)), true, 'reply for unknown cookie 0x000000063'],
+  ];
+  for (const [name, input, extended, message] of malformed) {
+    it(`reports a protocol error for ${name}, at every split`, () => {
+      for (let cut = 0; cut <= input.length; cut++) {
+        const r = new Recorder(extRequests());
+        const d = new ReplyDecoder(r, true, extended);
+        expect(() => {
+          d.push(input.subarray(0, cut));
+          d.push(input.subarray(cut));
+          d.push(Buffer.alloc(64, 0x5a)); // anything after a violation is ignored
+        }).not.toThrow();
+        expect(r.errors.map((e) => `${e.code}: ${e.message}`)).toEqual([`ERR_PROTOCOL: ${message}`]);
+        expect(d.dead).toBe(true);
+      }
+    });
+  }
 });
