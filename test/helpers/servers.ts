@@ -132,7 +132,7 @@ export async function qemuNbd(file: string, o: { format?: string; readOnly?: boo
   return { uri: `nbd+unix:///?socket=${socket}`, socket, dir, proc, pid: proc.pid, stop: () => stopProc(proc, dir) };
 }
 
-function waitForConnect(socket: string): Promise<void> {
+export function waitForConnect(socket: string): Promise<void> {
   return new Promise((resolve, reject) => {
     let tries = 0;
     const attempt = () => {
