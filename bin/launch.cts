@@ -16,9 +16,11 @@ import { createRequire } from 'node:module';
 
 const file = path.join(__dirname, '..', 'nbdstream.cjs');
 const cacheFile = `${file}.v8cache`;
+// V8 accepts a cache for any source of the same length (it checks no content): one older than
+// the bundle may hold code the bundle no longer has, and is not used
 let cachedData: Buffer | undefined;
 try {
-  cachedData = fs.readFileSync(cacheFile);
+  if (fs.statSync(cacheFile).mtimeMs >= fs.statSync(file).mtimeMs) cachedData = fs.readFileSync(cacheFile);
 } catch {
   cachedData = undefined;
 }

@@ -15,6 +15,7 @@ import { parseBlkhash, type BlkhashSpec } from '../lib/blkhash.js';
 import { formatBar, progressPercent, throttle, type CopyProgress } from '../lib/progress.js';
 import { describeSpec } from '../lib/endpoints/open.js';
 import { deferExtraCaCerts } from '../lib/nbd/tls.js';
+import { writeAll } from './output.js';
 import { formatHelp, helpWidth, optionNames, terminalWidth, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 import { parseSize as parseSizeText } from '../lib/size.js';
 import { cliMessage } from './messages.js';
@@ -96,7 +97,7 @@ const OPTIONS = {
   'pipe-format': { type: 'string', describe: 'raw or extents (holes as records, docs/extent-stream.md): the format of a "-" or FIFO destination (default raw; the source then detects its own), else forces a pipe source\'s (default: detected)' },
   'dirty-bitmap': { type: 'string', describe: 'Copy only the ranges dirty in the NBD source\'s qemu:dirty-bitmap:NAME; leave the rest of the destination as it is' },
   progress: { type: 'string', describe: 'Progress bar on stderr (-p), "N/100" lines to FD (--progress=FD), or JSON lines on stderr or FD (--progress=json[:FD])' },
-  'queue-size': { type: 'string', value: 'size', describe: 'Bytes of read buffers held, from the read until written (default 32M)' },
+  'queue-size': { type: 'string', value: 'size', describe: 'Bytes of read buffers held, from the read until written (default 16M)' },
   'request-size': { type: 'string', value: 'size', describe: 'Request size, a power of two 4K-32M (default 256K)' },
   resume: { type: 'string', describe: 'Record the ranges copied in STATEFILE; rerun with it after an interruption to copy only the rest (removed when the copy succeeds)' },
   requests: { alias: 'R', type: 'string', value: 'number', describe: 'Requests in flight per connection (default 64)' },
@@ -160,6 +161,13 @@ async function main(): Promise<void> {
   // ("[ CMD ARGS ]" groups are lifted out already: a --help inside one is the command's)
   if (wantsHelp(flat)) {
     process.stdout.write(formatHelp(HELP, helpWidth()));
+    return;
+  }
+  // --version before yargs, whose own makes Node create stdout and stderr streams (on a pipe
+  // that loads node:net and node:stream: several milliseconds of a script's every call)
+  const beforeEnd = flat.indexOf('--') < 0 ? flat : flat.slice(0, flat.indexOf('--'));
+  if (beforeEnd.includes('--version') || beforeEnd.includes('-V')) {
+    writeAll(1, `nbdstream ${pkg.version}\n`);
     return;
   }
   const argv = await yargs(flat)

@@ -22,6 +22,7 @@ import { openServedEndpoint } from '../lib/nbd/server-export.js';
 import { NBD_DEFAULT_PORT } from '../lib/nbd/protocol.js';
 import { setParentDeathSignal } from '../lib/native.js';
 import type { Endpoint } from '../lib/endpoints/endpoint.js';
+import { writeAll } from './output.js';
 import { formatHelp, helpWidth, optionNames, unknownOptions, wantsHelp, type HelpText } from './usage.js';
 
 class UsageError extends Error {}
@@ -38,14 +39,7 @@ function usage(message: string): never {
  * EAGAIN: serve leaves both alone (--help, printed by yargs, is the exception).
  */
 function printErr(line: string): void {
-  const b = Buffer.from(`nbdstream serve: ${line}\n`);
-  for (let pos = 0; pos < b.length; ) {
-    try {
-      pos += fs.writeSync(2, b, pos);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') return; // another writer made it non-blocking: retry
-    }
-  }
+  writeAll(2, `nbdstream serve: ${line}\n`);
 }
 
 export async function run(args: string[]): Promise<number> {

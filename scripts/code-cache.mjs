@@ -12,6 +12,9 @@ const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..')
 // the training runs through the launcher users run, so the cache is made under its V8 flags
 const cli = path.join(root, 'bin/nbdstream');
 if (!fs.existsSync(path.join(root, 'dist/nbdstream.cjs'))) process.exit(0);
+// V8 takes a cache for any source of the same length, so an old one could bring back code a
+// rebuild replaced (a constant changed in place): the training run must start without one
+fs.rmSync(path.join(root, 'dist/nbdstream.cjs.v8cache'), { force: true });
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-cache-'));
 try {
   const img = path.join(dir, 'img');

@@ -9,8 +9,9 @@
  * CID 1 (VMADDR_CID_LOCAL), the loopback transport.
  */
 import * as fs from 'node:fs';
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import { NbdStreamError } from '../errors.js';
+import { nodeNet } from '../builtins.js';
 import { native, nativeLoadError, type NativeError } from '../native.js';
 
 /** Any CID of this machine (bind). */
@@ -59,7 +60,7 @@ export function connectVsock(cid: number, port: number, opts: { onread?: net.OnR
     needNative().vsockConnect(cid, port, (err, fd) => {
       if (err || fd < 0) return reject(vsockError('connect to', cid, port, err ?? Object.assign(new Error('ENOMEM'), { code: 'ENOMEM', errno: -12, syscall: 'connect' })));
       try {
-        resolve(new net.Socket({ handle: adopt(fd, false), readable: true, writable: true, ...opts } as net.SocketConstructorOpts));
+        resolve(new (nodeNet().Socket)({ handle: adopt(fd, false), readable: true, writable: true, ...opts } as net.SocketConstructorOpts));
       } catch (e) {
         reject(e);
       }

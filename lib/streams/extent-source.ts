@@ -61,7 +61,7 @@ export const DEFAULT_REQUEST_SIZE = 256 * 1024;
  * Default bound on the copy's read buffers (--queue-size). nbdcopy's 16 MiB default bounds each
  * of its worker threads (one per connection, 4 by default); this one bounds the whole copy.
  */
-export const DEFAULT_QUEUE_SIZE = 32 * 1024 * 1024;
+export const DEFAULT_QUEUE_SIZE = 16 * 1024 * 1024;
 export const DEFAULT_READ_SIZE = 4 * 1024 * 1024;
 /** Bytes buffered between pipeline stages (the in-flight limits are what bound memory). */
 export const STAGE_BUFFER = 2 * 1024 * 1024;

@@ -25,16 +25,39 @@ describe('CLI bundle', () => {
     expect(execFileSync('node', [path.join(root, 'dist/bin/nbdstream.js'), '--version']).toString().trim()).toBe(`nbdstream ${version}`);
   });
 
-  it('loads no TLS, crypto, zlib, child_process, assert or fs/promises module at start-up (lib/builtins.ts)', () => {
+  it('does not use a code cache older than the bundle (V8 would take one for any source of the same length)', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-bundle-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'bin'));
+      fs.copyFileSync(path.join(root, 'dist/bin/launch.cjs'), path.join(dir, 'bin/launch.cjs'));
+      fs.copyFileSync(bundle, path.join(dir, 'nbdstream.cjs'));
+      fs.copyFileSync(`${bundle}.v8cache`, path.join(dir, 'nbdstream.cjs.v8cache'));
+      const status = () =>
+        spawnSync('node', ['--max-semi-space-size=1', path.join(dir, 'bin/launch.cjs'), '--version'], { env: { ...process.env, NBDSTREAM_CODE_CACHE_STATUS: '1' } }).stderr.toString();
+      const t = Date.now() / 1000;
+      fs.utimesSync(path.join(dir, 'nbdstream.cjs'), t - 10, t - 10);
+      expect(status()).toBe('code cache accepted\n');
+      fs.utimesSync(path.join(dir, 'nbdstream.cjs.v8cache'), t - 20, t - 20);
+      expect(status()).toBe('code cache missing\n');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('loads no net, TLS, crypto, zlib, child_process, assert or fs/promises module at start-up (lib/builtins.ts)', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdstream-bundle-'));
     try {
       const preload = path.join(dir, 'modules.cjs');
       const list = path.join(dir, 'modules.txt');
       fs.writeFileSync(preload, `process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(list)}, process.moduleLoadList.join('\\n')));`);
-      execFileSync('node', ['-r', preload, path.join(root, 'dist/bin/launch.cjs'), '--version']);
+      // stdout to a file: on a pipe Node itself makes process.stdout a net.Socket
+      const out = fs.openSync(path.join(dir, 'out.txt'), 'w');
+      execFileSync('node', ['-r', preload, path.join(root, 'dist/bin/launch.cjs'), '--version'], { stdio: ['ignore', out, 'inherit'] });
+      fs.closeSync(out);
+      expect(fs.readFileSync(path.join(dir, 'out.txt'), 'utf8')).toMatch(/^nbdstream /);
       const loaded = fs.readFileSync(list, 'utf8').split('\n');
-      expect(loaded).toContain('NativeModule net');
-      const lazy = ['tls', 'crypto', 'zlib', 'child_process', 'assert', 'fs/promises'].map((m) => `NativeModule ${m}`);
+      expect(loaded).toContain('NativeModule vm');
+      const lazy = ['net', 'tls', 'crypto', 'zlib', 'child_process', 'assert', 'fs/promises'].map((m) => `NativeModule ${m}`);
       expect(loaded.filter((m) => lazy.includes(m))).toEqual([]);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
