@@ -92,7 +92,9 @@ class RunningServer {
 
   static async start(spec: ServerSpec, sock: string): Promise<RunningServer> {
     const { cmd, uri, pidFile } = spec.start(sock);
-    const child = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
+    // (stderr dropped: servers complain of the benchmark's probe connection; a failing server
+    // shows as a failing client)
+    const child = spawn(cmd[0], cmd.slice(1), { stdio: 'ignore' });
     await waitForSocket(sock);
     const pid = pidFile ? Number(fs.readFileSync(pidFile, 'utf8').trim()) : child.pid!;
     return new RunningServer(uri, pid, child);
