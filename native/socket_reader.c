@@ -307,6 +307,30 @@ static int receive_payload(reader_t *r, const expect_t *e, uint64_t off, uint64_
   return RX_OK;
 }
 
+/*
+ * The payload of an OFFSET_DATA chunk for registered read e, of len bytes at export offset off
+ * (h: the chunk's header, h_len bytes, all received so far): into the read's buffer, then event
+ * DATA. A range outside the request goes to JS as RAW (-1: raw mode from here on); returns as
+ * one_reply.
+ */
+static int data_chunk(reader_t *r, expect_t *e, uint32_t cookie, uint16_t flags, uint64_t off, uint64_t len, const uint8_t *h, size_t h_len) {
+  if (len == 0 || off < e->offset || off - e->offset > e->length || len > e->length - (off - e->offset)) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, h_len);
+    return -1;
+  }
+  uint32_t ev_flags = flags;
+  runs_t zero = {0};
+  int st = receive_payload(r, e, off, len, &ev_flags, &zero);
+  if (st != RX_OK) {
+    free(zero.v);
+    return failed(r, st, NULL, 0, 1);
+  }
+  if (flags & REPLY_FLAG_DONE) lookup(r, cookie, e, 1);
+  int ok = emit(r, EV_DATA, cookie, off, (int64_t)len, ev_flags, (const uint8_t *)zero.v, zero.n * sizeof(double));
+  free(zero.v);
+  return ok;
+}
+
 /* One reply (simple) or chunk (structured); returns 0 to end the thread, -1 to switch to raw mode. */
 static int one_reply(reader_t *r) {
   uint8_t h[32];
@@ -343,23 +367,7 @@ static int one_reply(reader_t *r) {
     st = receive_exact(r, h + 16, 12, &got);
     if (st != RX_OK) return failed(r, st, h, 16 + got, 0);
     uint32_t length = be32(h + 16);
-    uint64_t offset = be64(h + 20);
-    uint64_t len = length >= 8 ? length - 8 : 0;
-    if (len == 0 || offset < e.offset || offset - e.offset > e.length || len > e.length - (offset - e.offset)) {
-      emit(r, EV_RAW, 0, 0, 0, 0, h, 28);
-      return -1;
-    }
-    uint32_t ev_flags = flags;
-    runs_t zero = {0};
-    st = receive_payload(r, &e, offset, len, &ev_flags, &zero);
-    if (st != RX_OK) {
-      free(zero.v);
-      return failed(r, st, NULL, 0, 1);
-    }
-    if (flags & REPLY_FLAG_DONE) lookup(r, cookie, &e, 1);
-    int ok = emit(r, EV_DATA, cookie, offset, (int64_t)len, ev_flags, (const uint8_t *)zero.v, zero.n * sizeof(double));
-    free(zero.v);
-    return ok;
+    return data_chunk(r, &e, cookie, flags, be64(h + 20), length >= 8 ? length - 8 : 0, h, 28);
   }
   /* any other chunk: whole, to JS. One that ends a read's reply (NONE, a hole, an error) ends
      its registration here and now: a data chunk after it must not land in a buffer JS may
@@ -407,23 +415,7 @@ static int one_ext_reply(reader_t *r) {
   if (type == REPLY_TYPE_OFFSET_DATA) {
     st = receive_exact(r, h + 32, 8, &got);
     if (st != RX_OK) return failed(r, st, h, 32 + got, 0);
-    uint64_t offset = be64(h + 32);
-    uint64_t len = length >= 8 ? length - 8 : 0;
-    if (len == 0 || offset < e.offset || offset - e.offset > e.length || len > e.length - (offset - e.offset)) {
-      emit(r, EV_RAW, 0, 0, 0, 0, h, 40);
-      return -1;
-    }
-    uint32_t ev_flags = flags;
-    runs_t zero = {0};
-    st = receive_payload(r, &e, offset, len, &ev_flags, &zero);
-    if (st != RX_OK) {
-      free(zero.v);
-      return failed(r, st, NULL, 0, 1);
-    }
-    if (flags & REPLY_FLAG_DONE) lookup(r, cookie, &e, 1);
-    int ok = emit(r, EV_DATA, cookie, offset, (int64_t)len, ev_flags, (const uint8_t *)zero.v, zero.n * sizeof(double));
-    free(zero.v);
-    return ok;
+    return data_chunk(r, &e, cookie, flags, be64(h + 32), length >= 8 ? length - 8 : 0, h, 40);
   }
   /* any other chunk: whole, to JS (one that ends a read's reply ends its registration, as in one_reply) */
   if (flags & REPLY_FLAG_DONE && cookie_hi == 0) lookup(r, cookie, &e, 1);

@@ -406,12 +406,9 @@ export class ReplyDecoder {
     if (this.extended || magic === NBD_EXTENDED_REPLY_MAGIC) return this.extendedHeaderDone();
     if (magic !== NBD_SIMPLE_REPLY_MAGIC && magic !== NBD_STRUCTURED_REPLY_MAGIC) return this.fail(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
     if (magic === NBD_STRUCTURED_REPLY_MAGIC && !this.structured) return this.fail('structured reply received but structured replies were not negotiated');
-    const hi = s.readUInt32BE(8);
-    const cookie = s.readUInt32BE(12);
-    const req = hi === 0 ? this.handler.lookup(cookie) : undefined;
-    if (!req) return this.fail(`reply for unknown cookie 0x${hi.toString(16)}${cookie.toString(16).padStart(8, '0')}`);
-    this.cookie = cookie;
-    this.req = req;
+    const req = this.replyTo();
+    if (!req) return;
+    const cookie = this.cookie;
     if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
       this.flags = s.readUInt16BE(4);
       this.chunkType = s.readUInt16BE(6);
@@ -432,6 +429,21 @@ export class ReplyDecoder {
     this.handler.onSimpleReply(cookie, errno);
   }
 
+  /** The pending request a reply header (in scratch) names by its cookie; fails the stream if none. */
+  private replyTo(): PendingRequest | undefined {
+    const s = this.scratch;
+    const hi = s.readUInt32BE(8);
+    const cookie = s.readUInt32BE(12);
+    const req = hi === 0 ? this.handler.lookup(cookie) : undefined;
+    if (!req) {
+      this.fail(`reply for unknown cookie 0x${hi.toString(16)}${cookie.toString(16).padStart(8, '0')}`);
+      return undefined;
+    }
+    this.cookie = cookie;
+    this.req = req;
+    return req;
+  }
+
   /**
    * A 32-byte extended reply header (magic, flags, type, cookie, the request's offset, 64-bit
    * payload length). OFFSET_DATA reads its 8-byte offset next, so that its data goes straight to
@@ -445,12 +457,8 @@ export class ReplyDecoder {
       const kind = magic === NBD_SIMPLE_REPLY_MAGIC ? 'simple reply' : magic === NBD_STRUCTURED_REPLY_MAGIC ? 'structured reply' : `reply magic 0x${magic.toString(16).padStart(8, '0')}`;
       return this.fail(`${kind} received after extended headers were negotiated`);
     }
-    const hi = s.readUInt32BE(8);
-    const cookie = s.readUInt32BE(12);
-    const req = hi === 0 ? this.handler.lookup(cookie) : undefined;
-    if (!req) return this.fail(`reply for unknown cookie 0x${hi.toString(16)}${cookie.toString(16).padStart(8, '0')}`);
-    this.cookie = cookie;
-    this.req = req;
+    const req = this.replyTo();
+    if (!req) return;
     this.flags = s.readUInt16BE(4);
     this.chunkType = s.readUInt16BE(6);
     this.chunkLength = readU64(s, 24);
