@@ -331,6 +331,29 @@ static int data_chunk(reader_t *r, expect_t *e, uint32_t cookie, uint16_t flags,
   return ok;
 }
 
+/*
+ * A chunk JS decodes: its header (h, h_len bytes, received) and its body of length bytes (at most
+ * MAX_CHUNK_BODY), received whole and handed over as one RAW event; returns as one_reply.
+ */
+static int whole_chunk(reader_t *r, const uint8_t *h, size_t h_len, uint64_t length) {
+  size_t got;
+  uint8_t *chunk = malloc(h_len + (size_t)length);
+  if (!chunk) {
+    emit(r, EV_RAW, 0, 0, 0, 0, h, h_len);
+    return -1;
+  }
+  memcpy(chunk, h, h_len);
+  int st = receive_exact(r, chunk + h_len, length, &got);
+  if (st != RX_OK) {
+    int ret = failed(r, st, chunk, h_len + got, 0);
+    free(chunk);
+    return ret;
+  }
+  int ok = emit(r, EV_RAW, 0, 0, 0, 0, chunk, h_len + (size_t)length);
+  free(chunk);
+  return ok;
+}
+
 /* One reply (simple) or chunk (structured); returns 0 to end the thread, -1 to switch to raw mode. */
 static int one_reply(reader_t *r) {
   uint8_t h[32];
@@ -380,21 +403,7 @@ static int one_reply(reader_t *r) {
     emit(r, EV_RAW, 0, 0, 0, 0, h, 20);
     return -1;
   }
-  uint8_t *chunk = malloc(20 + (size_t)length);
-  if (!chunk) {
-    emit(r, EV_RAW, 0, 0, 0, 0, h, 20);
-    return -1;
-  }
-  memcpy(chunk, h, 20);
-  st = receive_exact(r, chunk + 20, length, &got);
-  if (st != RX_OK) {
-    int ret = failed(r, st, chunk, 20 + got, 0);
-    free(chunk);
-    return ret;
-  }
-  int ok = emit(r, EV_RAW, 0, 0, 0, 0, chunk, 20 + (size_t)length);
-  free(chunk);
-  return ok;
+  return whole_chunk(r, h, 20, length);
 }
 
 /* One chunk with extended headers (32-byte header); returns as one_reply. */
@@ -419,21 +428,7 @@ static int one_ext_reply(reader_t *r) {
   }
   /* any other chunk: whole, to JS (one that ends a read's reply ends its registration, as in one_reply) */
   if (flags & REPLY_FLAG_DONE && cookie_hi == 0) lookup(r, cookie, &e, 1);
-  uint8_t *chunk = malloc(32 + (size_t)length);
-  if (!chunk) {
-    emit(r, EV_RAW, 0, 0, 0, 0, h, 32);
-    return -1;
-  }
-  memcpy(chunk, h, 32);
-  st = receive_exact(r, chunk + 32, length, &got);
-  if (st != RX_OK) {
-    int ret = failed(r, st, chunk, 32 + got, 0);
-    free(chunk);
-    return ret;
-  }
-  int ok = emit(r, EV_RAW, 0, 0, 0, 0, chunk, 32 + (size_t)length);
-  free(chunk);
-  return ok;
+  return whole_chunk(r, h, 32, length);
 }
 
 static void *run(void *arg) {
